@@ -1,0 +1,239 @@
+"""Build sd/tiny_init/: the tiny, CPU-trainable counterpart of the reference's
+`CompVis-stable-diffusion-v1-4-paddle-init` folder, deterministic from a seed.
+
+    OUT/tokenizer/        real CLIP BPE tokenizer (data_tools/build_tokenizer.py)
+    OUT/text_encoder/     tiny CLIPTextModel, random init (config.json + model.safetensors)
+    OUT/vae/              AutoencoderKL: copied from --vae_dir (trained by train_vae.py), else untrained
+    OUT/scheduler/        SD v1's DDPM noise schedule
+    OUT/unet_config.json  copy of sd/configs/unet_tiny.json (the trainer builds the UNet from it)
+    OUT/model_index.json  StableDiffusionPipeline components: loadable by the pipeline once OUT/unet/ exists
+
+    python data_tools/build_tiny_init.py --output_dir sd/tiny_init [--bpe_file open_clip_torch-*.whl]
+                                         [--vae_dir runs/vae/final | --reset_vae] [--seed 0]
+
+The text encoder must be loaded with `ppdiffusers.transformers.CLIPTextModel` (HF parameter names), which is what
+StableDiffusionPipeline uses: paddlenlp's own CLIPTextModel names its parameters differently and would silently
+start from random weights. The folder is built in OUT.tmp and swapped in at the end, so sources inside OUT (the
+committed tokenizer, a trained vae) can be reused and a failed build leaves OUT untouched.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UNET_TINY_CONFIG = os.path.join(ROOT, "sd", "configs", "unet_tiny.json")
+VAE_TINY_CONFIG = os.path.join(ROOT, "sd", "configs", "vae_tiny.json")
+
+# SD v1's training noise schedule. set_alpha_to_one / skip_prk_steps are not DDPM arguments (they are ignored by
+# DDPMScheduler) but make DDIMScheduler/PNDMScheduler.from_config(this) reproduce SD v1's samplers.
+SCHEDULER_CONFIG: Dict[str, Any] = {
+    "_class_name": "DDPMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+MODEL_INDEX: Dict[str, Any] = {
+    "_class_name": "StableDiffusionPipeline",
+    "_diffusers_version": "0.29.0",
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["ppdiffusers", "DDPMScheduler"],
+    # ppdiffusers 0.29 maps "paddlenlp.transformers" to this same module; naming it directly says which
+    # CLIPTextModel class can read the weights.
+    "text_encoder": ["ppdiffusers.transformers", "CLIPTextModel"],
+    "tokenizer": ["ppdiffusers.transformers", "CLIPTokenizer"],
+    "unet": ["ppdiffusers", "UNet2DConditionModel"],
+    "vae": ["ppdiffusers", "AutoencoderKL"],
+}
+
+
+@dataclass
+class TextEncoderConfig:
+    """Tiny CLIP text transformer. The binding constraint is "no committed file over 5 MB": the token embedding
+    alone is 49408 x hidden floats. hidden 48 stored in float16 is 4.74 MB for the embedding, 4.87 MB for the
+    whole file, and twice the width that fits in float32 (hidden 24): a richer per-word embedding for the UNet's
+    cross-attention, at no cost in precision that matters for a random, frozen init. Loading upcasts to float32
+    (config.json says dtype float32), so training and inference on CPU run in float32."""
+
+    hidden_size: int = 48
+    intermediate_size: int = 192  # 4 x hidden, as CLIP
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    max_position_embeddings: int = 77
+    vocab_size: int = 49408
+    hidden_act: str = "quick_gelu"  # SD v1's text encoder (CLIP ViT-L/14) uses quick_gelu
+    storage_dtype: str = "float16"
+
+
+@dataclass
+class TinyInitConfig:
+    output_dir: str
+    seed: int = 0
+    bpe_file: Optional[str] = None  # build the tokenizer from the merge list; else copy tokenizer_dir
+    tokenizer_dir: Optional[str] = None  # default: OUT/tokenizer (the committed one)
+    vae_dir: Optional[str] = None  # a trained AutoencoderKL folder to copy in
+    reset_vae: bool = False  # allow replacing an existing OUT/vae with an untrained one
+    unet_config: str = UNET_TINY_CONFIG
+    vae_config: str = VAE_TINY_CONFIG
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+
+def _read_json(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_json(path: str, obj: Dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def vae_downsampling_factor(vae_config: Dict[str, Any]) -> int:
+    """Every DownEncoderBlock2D but the last halves the resolution."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def check_compatible(unet_cfg: Dict[str, Any], vae_cfg: Dict[str, Any], text_hidden: int, where: str) -> None:
+    """The three shapes that must agree, or the first training step fails deep inside paddle."""
+    problems = []
+    if unet_cfg["cross_attention_dim"] != text_hidden:
+        problems.append(f"unet cross_attention_dim {unet_cfg['cross_attention_dim']} != text hidden {text_hidden}")
+    if unet_cfg["in_channels"] != vae_cfg["latent_channels"]:
+        problems.append(f"unet in_channels {unet_cfg['in_channels']} != vae latent_channels "
+                        f"{vae_cfg['latent_channels']}")
+    factor = vae_downsampling_factor(vae_cfg)
+    if unet_cfg["sample_size"] * factor != vae_cfg["sample_size"]:
+        problems.append(f"unet sample_size {unet_cfg['sample_size']} x vae factor {factor} != vae sample_size "
+                        f"{vae_cfg['sample_size']}")
+    if problems:
+        raise ValueError(f"{where}: incompatible components: " + "; ".join(problems))
+
+
+def _build_text_encoder(cfg: TextEncoderConfig, seed: int, out_dir: str) -> None:
+    import paddle
+    from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModel
+
+    paddle.seed(seed)
+    config = CLIPTextConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                            num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                            max_position_embeddings=cfg.max_position_embeddings, vocab_size=cfg.vocab_size,
+                            hidden_act=cfg.hidden_act, projection_dim=cfg.hidden_size)
+    model = CLIPTextModel(config)
+    model.to(dtype=cfg.storage_dtype)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    # save_pretrained records the storage dtype in config.json, and from_pretrained would then build a float16
+    # model (slow and lossy on CPU). Declaring float32 makes loading upcast the stored float16 values.
+    path = os.path.join(out_dir, "config.json")
+    saved = _read_json(path)
+    saved["dtype"] = "float32"
+    _write_json(path, saved)
+
+
+def _copy_vae(src: str, dst: str) -> Dict[str, Any]:
+    cfg = _read_json(os.path.join(src, "config.json"))
+    if cfg.get("_class_name") != "AutoencoderKL":
+        raise ValueError(f"--vae_dir {src}: config.json _class_name is {cfg.get('_class_name')!r}, "
+                         "expected 'AutoencoderKL'")
+    weights = [f for f in os.listdir(src) if f.endswith((".safetensors", ".pdparams"))]
+    if not weights:
+        raise ValueError(f"--vae_dir {src}: no .safetensors or .pdparams weights file")
+    shutil.copytree(src, dst)
+    return cfg
+
+
+def _build_vae(vae_config_path: str, seed: int, out_dir: str) -> Dict[str, Any]:
+    import paddle
+    from ppdiffusers import AutoencoderKL
+
+    paddle.seed(seed)
+    vae = AutoencoderKL.from_config(_read_json(vae_config_path))
+    vae.save_pretrained(out_dir, safe_serialization=True)
+    return _read_json(os.path.join(out_dir, "config.json"))
+
+
+def build_tiny_init(cfg: TinyInitConfig) -> str:
+    """Write the init folder at cfg.output_dir (replacing it); return its path."""
+    from data_tools.build_tokenizer import build_tokenizer
+
+    out = os.path.abspath(cfg.output_dir)
+    existing_vae = os.path.join(out, "vae")
+    if cfg.vae_dir is None and os.path.isdir(existing_vae) and not cfg.reset_vae:
+        raise FileExistsError(f"{existing_vae} exists and may be a trained VAE: pass --vae_dir {existing_vae} "
+                              "to keep it, or --reset_vae to replace it with an untrained one")
+    tokenizer_src = cfg.tokenizer_dir or os.path.join(out, "tokenizer")
+    if cfg.bpe_file is None and not os.path.isfile(os.path.join(tokenizer_src, "vocab.json")):
+        raise FileNotFoundError(f"no tokenizer at {tokenizer_src}: pass --bpe_file (the open-clip-torch wheel "
+                                "or bpe_simple_vocab_16e6.txt.gz) or --tokenizer_dir")
+    unet_cfg = _read_json(cfg.unet_config)
+
+    stage = out + ".tmp"
+    if os.path.exists(stage):
+        shutil.rmtree(stage)  # a previous failed build of ours
+    os.makedirs(stage)
+    if cfg.bpe_file is not None:
+        build_tokenizer(cfg.bpe_file, os.path.join(stage, "tokenizer"))
+    else:
+        shutil.copytree(tokenizer_src, os.path.join(stage, "tokenizer"))
+    _build_text_encoder(cfg.text_encoder, cfg.seed, os.path.join(stage, "text_encoder"))
+    if cfg.vae_dir is not None:
+        vae_cfg = _copy_vae(cfg.vae_dir, os.path.join(stage, "vae"))
+    else:
+        vae_cfg = _build_vae(cfg.vae_config, cfg.seed, os.path.join(stage, "vae"))
+    check_compatible(unet_cfg, vae_cfg, cfg.text_encoder.hidden_size, where=cfg.unet_config)
+    os.makedirs(os.path.join(stage, "scheduler"))
+    _write_json(os.path.join(stage, "scheduler", "scheduler_config.json"), SCHEDULER_CONFIG)
+    _write_json(os.path.join(stage, "unet_config.json"), unet_cfg)
+    _write_json(os.path.join(stage, "model_index.json"), MODEL_INDEX)
+
+    # Swap: the old folder is removed only once the new one is complete.
+    old = out + ".old"
+    if os.path.exists(old):
+        shutil.rmtree(old)
+    if os.path.exists(out):
+        os.rename(out, old)
+    os.rename(stage, out)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+    return out
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output_dir", default=os.path.join(ROOT, "sd", "tiny_init"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bpe_file", default=None, help="open-clip-torch wheel or bpe_simple_vocab_16e6.txt.gz")
+    parser.add_argument("--tokenizer_dir", default=None, help="tokenizer folder to copy (default OUT/tokenizer)")
+    parser.add_argument("--vae_dir", default=None, help="trained AutoencoderKL folder to copy in as vae/")
+    parser.add_argument("--reset_vae", action="store_true", help="replace an existing OUT/vae with an untrained one")
+    parser.add_argument("--unet_config", default=UNET_TINY_CONFIG)
+    parser.add_argument("--vae_config", default=VAE_TINY_CONFIG)
+    args = parser.parse_args(argv)
+    out = build_tiny_init(TinyInitConfig(output_dir=args.output_dir, seed=args.seed, bpe_file=args.bpe_file,
+                                         tokenizer_dir=args.tokenizer_dir, vae_dir=args.vae_dir,
+                                         reset_vae=args.reset_vae, unet_config=args.unet_config,
+                                         vae_config=args.vae_config))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    # Run as a script, Python puts data_tools/ (not the repo root) on sys.path; data_tools.* imports need the root.
+    sys.path.insert(0, ROOT)
+    raise SystemExit(main())

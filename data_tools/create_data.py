@@ -1,0 +1,382 @@
+"""create_pretraining_data.py: jsonl of {caption, image path} -> laion400m part files + filelists + manifest.
+
+Pipeline: the main process streams the jsonl lines (memory flat whatever the input size) into batches of at
+most BATCH records, a bounded number of batches is in flight in a process pool (`--num_workers`), and the
+results are consumed in submission order, so the output bytes do not depend on the worker count. Workers
+parse, validate, fully decode and encode (data_tools/image_check.py); the main process writes the parts.
+
+Blocks: input record i (0-based over all input files, blank lines not counted) belongs to block
+i // per_part_file_num, and block b is written to part b+1 (part_format.part_name). A part therefore holds the
+accepted records of exactly one block of the input: fewer than per_part_file_num when some were rejected, and no
+part at all when all were. This ties every part to a fixed input range, which is what makes resume and shards
+simple: a finished block never needs redoing, and the part a block produces is the same in every kind of run.
+
+Shards (`--num_shards N --shard_id K`): shard K does the blocks b with b % N == K. Round robin over blocks
+because a streamed input's length is unknown up front, and it balances the shards. Every shard reads all the
+jsonl lines (cheap) but decodes images of its own blocks only. Shard files are named NAME.shard-K-of-N.* (each
+shard is a complete dataset by itself) and part names are disjoint by construction; the parts are
+byte-identical to those of an unsharded run. When all shards are done, `--merge_shards` (same --output_path,
+--output_name, --num_shards) writes NAME.filelist, NAME.rejects.jsonl and NAME.manifest.json exactly as an
+unsharded run would have. Shards must therefore write into one shared output folder (or be copied into one).
+
+Files of a run (RUN = NAME, or NAME.shard-K-of-N): OUT/laion400m_format_data/part-XXXXXX[.gz], OUT/RUN.journal.jsonl
+(progress, see create_outputs.py), and, written last, OUT/RUN.rejects.jsonl, OUT/filelist/RUN.filelist[.list],
+OUT/RUN.manifest.json. Exit codes: 0 done (rejects are not failures), 1 fatal error, 2 bad arguments,
+3 --max_reject_ratio exceeded (rejects file written, filelist and manifest not).
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import sys
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from glob import glob
+from typing import Callable, Deque, Dict, Iterator, List, Optional, Tuple
+
+from isal import igzip
+
+from data_tools.create_outputs import (DATA_FORMAT, JOURNAL_VERSION, BlockEntry, CreateDataError, Journal,
+                                       RunPaths, prepare_output, run_name, write_dataset_files,
+                                       write_rejects_from_journal)
+from data_tools.image_check import (DEFAULT_MAX_IMAGE_PIXELS, Outcome, RecordConfig, apply_pixel_limit,
+                                    init_worker, process_batch, worker_batch)
+from data_tools.part_format import FORMAT_VERSION, open_part_writer, part_name, sha256_file
+
+BATCH = 8  # records per pool task: amortises IPC; with 200 KB JPEGs a batch is ~2 MB of base64 in flight
+CREATED_BY = "create_pretraining_data.py"
+
+
+class RejectRatioExceeded(CreateDataError):
+    pass
+
+
+@dataclass
+class CreateConfig:
+    input_path: List[str] = field(default_factory=list)
+    output_path: str = ""
+    output_name: str = "custom_dataset"
+    caption_key: str = "caption"
+    image_key: str = "image"
+    per_part_file_num: int = 1000
+    save_gzip_file: bool = False
+    num_repeat: int = 1
+    num_workers: int = 0  # 0: in this process (no pool); the CLI defaults to os.cpu_count()
+    gzip_level: int = 6
+    image_root: Optional[str] = None
+    allow_outside_root: bool = False
+    allow_empty_caption: bool = False
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    min_image_size: int = 0
+    max_side: Optional[int] = None
+    jpeg_quality: int = 95
+    resume: bool = False
+    overwrite: bool = False
+    num_shards: int = 1
+    shard_id: int = 0
+    max_reject_ratio: float = 1.0
+    progress_interval: float = 2.0
+
+    def validate(self) -> None:
+        checks = [
+            (bool(self.input_path), "--input_path names no file"),
+            (bool(self.output_path), "--output_path is required"),
+            (bool(self.output_name) and "/" not in self.output_name, "--output_name must be a plain file name"),
+            (self.per_part_file_num >= 1, "--per_part_file_num must be >= 1"),
+            (self.num_repeat >= 1, "--num_repeat must be >= 1"),
+            (self.num_workers >= 0, "--num_workers must be >= 0"),
+            (0 <= self.gzip_level <= 9, "--gzip_level must be in 0..9"),
+            (self.max_image_pixels >= 1, "--max_image_pixels must be >= 1"),
+            (self.min_image_size >= 0, "--min_image_size must be >= 0"),
+            (self.max_side is None or self.max_side >= 1, "--max_side must be >= 1"),
+            (1 <= self.jpeg_quality <= 100, "--jpeg_quality must be in 1..100"),
+            (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
+            (self.num_shards >= 1, "--num_shards must be >= 1"),
+            (0 <= self.shard_id < self.num_shards, f"--shard_id must be in 0..{self.num_shards - 1}"),
+            (0.0 <= self.max_reject_ratio <= 1.0, "--max_reject_ratio must be in 0..1"),
+            (self.image_root is None or os.path.isdir(self.image_root),
+             f"--image_root {self.image_root} is not a folder"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise CreateDataError(msg)
+
+
+def expand_inputs(patterns: List[str]) -> List[str]:
+    """Absolute input paths: plain paths in the order given, globs expanded sorted. Each must be a readable
+    file, named once."""
+    paths: List[str] = []
+    for pattern in patterns:
+        matches = sorted(glob(pattern)) if re.search(r"[*?[]", pattern) else [pattern]
+        if not matches:
+            raise CreateDataError(f"--input_path {pattern!r} matches no file")
+        for m in matches:
+            path = os.path.abspath(m)
+            if not os.path.isfile(path):
+                raise CreateDataError(f"cannot read input file {path}: " +
+                                      ("it is not a file" if os.path.exists(path) else "no such file"))
+            if not os.access(path, os.R_OK):
+                raise CreateDataError(f"cannot read input file {path}: permission denied")
+            if path in paths:
+                raise CreateDataError(f"input file {path} is named twice by --input_path")
+            paths.append(path)
+    return paths
+
+
+def iter_input(sources: List[str]) -> Iterator[Tuple[int, int, bytes]]:
+    """(source index, 1-based line number, raw line) of every non-blank line; blank lines are not records."""
+    for si, path in enumerate(sources):
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if raw.strip():
+                    yield si, n, raw
+
+
+class PartFile:
+    """A part being written under its .tmp name. Gzip goes through ISA-L like part_format.open_part_writer,
+    but with mtime=0 and no file name in the gzip header, so equal content gives equal bytes in every run (a
+    resumed run, another worker count, a shard). TODO(lead): move this into part_format.open_part_writer."""
+
+    def __init__(self, path: str, gzipped: bool, level: int):
+        self._raw = open_part_writer(path, False) if not gzipped else open(path, "wb")
+        self._out = self._raw if not gzipped else igzip.IGzipFile(
+            filename="", mode="wb", fileobj=self._raw, compresslevel=min(3, max(0, level // 3)), mtime=0)
+
+    def write(self, data: bytes) -> None:
+        self._out.write(data)
+
+    def close(self) -> None:
+        """Flush and fsync, so a rename that follows never exposes a part whose bytes are not on disk."""
+        if self._out is not self._raw:
+            self._out.close()
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        self._raw.close()
+
+
+class BlockSink:
+    """Consumes outcomes in input order; turns each finished block into a part plus a journal line."""
+
+    def __init__(self, cfg: CreateConfig, paths: RunPaths, journal: Journal, sources: List[str]):
+        self.cfg, self.paths, self.journal, self.sources = cfg, paths, journal, sources
+        self.entries: List[BlockEntry] = []
+        self.block: Optional[int] = None
+        self.processed = 0
+        self._part: Optional[PartFile] = None
+        self._records = self._count = 0
+        self._rejects: List[dict] = []
+
+    def add(self, block: int, index: int, source: int, line: int, outcome: Outcome) -> None:
+        if block != self.block:
+            self.finish_block()
+            self.block = block
+        self._count += 1
+        self.processed += 1
+        if isinstance(outcome, bytes):
+            if self._part is None:  # opened lazily: a block whose records were all rejected leaves no file
+                self._part = PartFile(self._tmp(), self.cfg.save_gzip_file, self.cfg.gzip_level)
+            self._part.write(outcome)
+            self._records += 1
+        else:
+            self._rejects.append({"index": index, "source": self.sources[source], "line": line,
+                                  "reason": outcome[0], "detail": outcome[1]})
+
+    def _tmp(self) -> str:
+        return os.path.join(self.paths.data_dir, part_name(self.block + 1, self.cfg.save_gzip_file) + ".tmp")
+
+    def finish_block(self) -> None:
+        if self.block is None:
+            return
+        name, size, digest = None, 0, None
+        if self._part is not None:
+            self._part.close()
+            name = part_name(self.block + 1, self.cfg.save_gzip_file)
+            final = os.path.join(self.paths.data_dir, name)
+            os.replace(self._tmp(), final)
+            size, digest = os.path.getsize(final), sha256_file(final)
+        counts: Dict[str, int] = {}
+        for r in self._rejects:
+            counts[r["reason"]] = counts.get(r["reason"], 0) + 1
+        entry = BlockEntry(self.block, self.block * self.cfg.per_part_file_num, self._count, self._records, name,
+                           size, digest, counts)
+        self.journal.append(entry, self._rejects)
+        self.entries.append(entry)
+        self.block, self._part, self._records, self._count, self._rejects = None, None, 0, 0, []
+
+
+class _Ready:
+    """An already computed result with the Future interface (the in-process path, --num_workers 0)."""
+
+    def __init__(self, value: List[Outcome]):
+        self._value = value
+
+    def result(self) -> List[Outcome]:
+        return self._value
+
+
+@dataclass
+class RunResult:
+    manifest: dict
+    paths: RunPaths
+    processed: int  # records decoded by this run (not counting blocks resumed from the journal)
+    duration_s: float
+
+
+def run(cfg: CreateConfig, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> RunResult:
+    """Do one (shard of a) dataset run. Raises CreateDataError on fatal problems."""
+    t0 = time.monotonic()
+    cfg.validate()
+    sources = expand_inputs(cfg.input_path)
+    if next(iter_input(sources), None) is None:
+        raise CreateDataError(f"the input files hold no records: {', '.join(sources)}")
+    root = os.path.abspath(cfg.image_root) if cfg.image_root else None
+    rcfg = RecordConfig(cfg.caption_key, cfg.image_key, tuple(root or os.path.dirname(s) for s in sources),
+                        cfg.allow_outside_root, cfg.allow_empty_caption, cfg.max_image_pixels, cfg.min_image_size,
+                        cfg.max_side, cfg.jpeg_quality)
+    # Everything that changes the bytes of a part; a resumed run must match it exactly.
+    settings = {k: getattr(cfg, k) for k in ("caption_key", "image_key", "per_part_file_num", "save_gzip_file",
+                                              "gzip_level", "allow_outside_root", "allow_empty_caption",
+                                              "max_image_pixels", "min_image_size", "max_side", "jpeg_quality",
+                                              "num_shards", "shard_id")}
+    settings["image_root"] = root
+    inputs = [{"path": s, "size": os.path.getsize(s), "mtime_ns": os.stat(s).st_mtime_ns} for s in sources]
+    header = {"journal_version": JOURNAL_VERSION, "settings": settings, "inputs": inputs}
+    paths = RunPaths(os.path.abspath(cfg.output_path), run_name(cfg.output_name, cfg.num_shards, cfg.shard_id))
+
+    def owns(block: int) -> bool:
+        return block % cfg.num_shards == cfg.shard_id
+
+    journal, done = prepare_output(paths, owns, header, cfg.resume, cfg.overwrite, log)
+    if done:
+        log(f"resume: {len(done)} blocks already complete, skipping them")
+    sink = BlockSink(cfg, paths, journal, sources)
+    try:
+        total = _pump(cfg, rcfg, sources, owns, done, sink, log)
+    finally:
+        journal.close()
+    P = cfg.per_part_file_num
+    entries = sorted(list(done.values()) + sink.entries, key=lambda e: e.block)
+    expected = [b for b in range(-(-total // P)) if owns(b)]
+    if [e.block for e in entries] != expected:  # cannot happen unless the input changed under our feet
+        raise CreateDataError(f"blocks done {[e.block for e in entries][:8]}... != expected {expected[:8]}...; "
+                              "did an input file change during the run?")
+    write_rejects_from_journal(paths.journal, entries, paths.rejects)
+    by_reason: Dict[str, int] = {}
+    for e in entries:
+        for reason, n in e.reject_counts.items():
+            by_reason[reason] = by_reason.get(reason, 0) + n
+    owned_records = sum(e.count for e in entries)
+    written = sum(e.records for e in entries)
+    rejected = owned_records - written
+    duration = time.monotonic() - t0
+    if owned_records and rejected / owned_records > cfg.max_reject_ratio:
+        raise RejectRatioExceeded(
+            f"{rejected} of {owned_records} records rejected ({rejected / owned_records:.1%}) > --max_reject_ratio "
+            f"{cfg.max_reject_ratio}; see {paths.rejects}. No filelist written; fix the input, or accept with "
+            f"--resume --max_reject_ratio {min(1.0, round(rejected / owned_records + 0.005, 2))}")
+    parts = [{"path": os.path.join(paths.data_dir, e.part), "records": e.records, "bytes": e.bytes,
+              "sha256": e.sha256, "block": e.block} for e in entries if e.part]
+    arguments = asdict(cfg)
+    manifest = {
+        "format_version": FORMAT_VERSION, "data_format": DATA_FORMAT, "created_by": CREATED_BY,
+        "arguments": arguments, "settings": settings, "inputs": inputs, "input_records": total,
+        "records_written": written, "records_rejected": rejected, "rejects_by_reason": dict(sorted(by_reason.items())),
+        "parts": parts, "blocks": [e.block for e in entries], "num_repeat": cfg.num_repeat,
+        "num_shards": cfg.num_shards, "shard_id": cfg.shard_id,
+        "resumed_parts": sum(1 for e in done.values() if e.part),
+        "filelist": paths.filelist, "rejects_file": paths.rejects, "duration_s": round(duration, 3)}
+    write_dataset_files(paths, [p["path"] for p in parts], cfg.num_repeat, manifest)
+    return RunResult(manifest, paths, sink.processed, duration)
+
+
+def _pump(cfg: CreateConfig, rcfg: RecordConfig, sources: List[str], owns: Callable[[int], bool],
+          done: Dict[int, BlockEntry], sink: BlockSink, log: Callable[[str], None]) -> int:
+    """Stream records through the workers into `sink`, in input order. Returns the number of input records."""
+    P, batch_size = cfg.per_part_file_num, min(BATCH, cfg.per_part_file_num)
+    # Bounded in-flight work is what keeps memory flat: reading stops while this many batches are out.
+    max_inflight = 2 * cfg.num_workers + 2
+    pending: Deque[Tuple[int, List[Tuple[int, int, int]], object]] = deque()
+    executor = None
+    if cfg.num_workers > 0:
+        # forkserver, not fork: the caller (a test run, a trainer) may hold threads that fork would copy mid-lock
+        executor = ProcessPoolExecutor(cfg.num_workers, mp_context=multiprocessing.get_context("forkserver"),
+                                       initializer=init_worker, initargs=(rcfg, os.getpid()))
+    else:
+        apply_pixel_limit(cfg.max_image_pixels)
+    progress = _Progress(cfg.progress_interval, log)
+
+    def consume() -> None:
+        block, metas, fut = pending.popleft()
+        for (index, si, n), outcome in zip(metas, fut.result()):
+            sink.add(block, index, si, n, outcome)
+        progress.update(total, sink)
+
+    def submit(block: int, batch: List[Tuple[int, int, int, bytes]]) -> None:
+        tasks = [(si, n == 1, raw) for _, si, n, raw in batch]
+        fut = executor.submit(worker_batch, tasks) if executor else _Ready(process_batch(rcfg, tasks))
+        pending.append((block, [(i, si, n) for i, si, n, _ in batch], fut))
+
+    total = 0
+    batch: List[Tuple[int, int, int, bytes]] = []
+    batch_block = -1
+    try:
+        for si, n, raw in iter_input(sources):
+            index, total = total, total + 1
+            block = index // P
+            if not owns(block) or block in done:
+                continue
+            if batch and (block != batch_block or len(batch) >= batch_size):
+                submit(batch_block, batch)
+                batch = []
+            batch.append((index, si, n, raw))
+            batch_block = block
+            while len(pending) > max_inflight:
+                consume()
+        if batch:
+            submit(batch_block, batch)
+        while pending:
+            consume()
+        sink.finish_block()
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+    progress.update(total, sink, final=True)
+    return total
+
+
+class _Progress:
+    """A records/s line on stderr at most every `interval` seconds."""
+
+    def __init__(self, interval: float, log: Callable[[str], None]):
+        self.interval, self.log = interval, log
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, read: int, sink: BlockSink, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self.last < self.interval:
+            return
+        self.last = now
+        rate = sink.processed / max(now - self.t0, 1e-9)
+        self.log(f"create_data: {read} records read, {sink.processed} processed, {len(sink.entries)} blocks "
+                 f"done, {rate:.1f} records/s")
+
+
+def summary(result: RunResult) -> str:
+    """The one-screen report printed at the end of a run."""
+    m = result.manifest
+    mb = sum(p["bytes"] for p in m["parts"]) / 1e6
+    lines = [f"create_pretraining_data: {result.paths.run} done in {result.duration_s:.1f} s",
+             f"  input records : {m['input_records']} in {len(m['inputs'])} file(s)",
+             f"  written       : {m['records_written']} records in {len(m['parts'])} parts, {mb:.1f} MB"
+             f" ({m['resumed_parts']} parts resumed)",
+             f"  rejected      : {m['records_rejected']}"]
+    lines += [f"    {reason:<22}{n}" for reason, n in m["rejects_by_reason"].items()]
+    lines += [f"  throughput    : {result.processed / max(result.duration_s, 1e-9):.1f} records/s "
+              f"({result.processed} decoded this run)",
+              f"  filelist      : {result.paths.filelist_list} (parts listed x{m['num_repeat']})",
+              f"  manifest      : {result.paths.manifest}",
+              f"  rejects       : {result.paths.rejects}"]
+    return "\n".join(lines)

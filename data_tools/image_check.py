@@ -1,0 +1,228 @@
+"""Per-record work of create_pretraining_data.py: parse one jsonl line, find and fully decode its image, and
+encode the laion400m line. Runs in the worker processes; nothing here touches the output folder.
+
+Every way a record can fail has its own reason key (REASONS) so the rejects file and the summary can say how
+many records were lost to what. Failures are raised as part_format.RecordError(reason, detail).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+from PIL import Image, ImageOps
+
+from data_tools.part_format import RecordError, encode_record, sanitize_caption
+
+# Reject reasons, each distinct so a count points at one cause.
+MALFORMED_JSON = "malformed_json"
+NOT_OBJECT = "not_json_object"
+MISSING_CAPTION = "missing_caption_key"
+CAPTION_NOT_STRING = "caption_not_string"
+BLANK_CAPTION = "blank_caption"
+MISSING_IMAGE_KEY = "missing_image_key"
+IMAGE_NOT_STRING = "image_not_string"
+IMAGE_MISSING = "image_missing"
+IMAGE_UNREADABLE = "image_unreadable"
+OUTSIDE_ROOT = "path_outside_root"
+EMPTY_FILE = "empty_file"
+NOT_AN_IMAGE = "not_an_image"
+TRUNCATED = "truncated_image"
+TOO_MANY_PIXELS = "too_many_pixels"
+TOO_SMALL = "too_small"
+REASONS = (MALFORMED_JSON, NOT_OBJECT, MISSING_CAPTION, CAPTION_NOT_STRING, BLANK_CAPTION, MISSING_IMAGE_KEY,
+           IMAGE_NOT_STRING, IMAGE_MISSING, IMAGE_UNREADABLE, OUTSIDE_ROOT, EMPTY_FILE, NOT_AN_IMAGE, TRUNCATED,
+           TOO_MANY_PIXELS, TOO_SMALL)
+
+# PIL's own default bound (Image.MAX_IMAGE_PIXELS): ~ a 9459 x 9459 image, 268 MB as RGB.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# Exceptions Pillow's decoders raise on corrupt input (the set its fuzz tests accept); anything else is a bug
+# and must surface, not become a reject.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, struct.error)
+_PNG_END = b"IEND\xaeB`\x82"
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    """What a worker needs to turn one jsonl line into a part line. Picklable (sent once per worker)."""
+
+    caption_key: str = "caption"
+    image_key: str = "image"
+    roots: Tuple[str, ...] = ()  # image root of each input file, by source index
+    allow_outside_root: bool = False
+    allow_empty_caption: bool = False
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    min_image_size: int = 0
+    max_side: Optional[int] = None
+    jpeg_quality: int = 95
+
+
+def resolve_image_path(value: str, root: str, allow_outside_root: bool) -> str:
+    """The real path of an image named by a record. Symlinks and '..' are resolved before the root check, so
+    neither can smuggle a file from outside the root; the check comes before any existence test so a rejected
+    path reveals nothing about the file system outside the root."""
+    if "\x00" in value:
+        raise RecordError(IMAGE_MISSING, f"{value!r} contains a NUL byte")
+    candidate = os.path.join(root, value)  # join keeps an absolute value as it is
+    real = os.path.realpath(candidate)
+    real_root = os.path.realpath(root)
+    if not allow_outside_root and os.path.commonpath([real, real_root]) != real_root:
+        raise RecordError(OUTSIDE_ROOT, f"{value!r} resolves to {real}, outside the image root {real_root}")
+    if not os.path.isfile(real):
+        what = "is not a regular file" if os.path.exists(real) else "does not exist"
+        raise RecordError(IMAGE_MISSING, f"{real} {what}")
+    return real
+
+
+def _truncated_or_corrupt(img_format: Optional[str], data: bytes, err: BaseException) -> RecordError:
+    """PIL says 'truncated' for most formats cut short; a PNG cut after its pixel data is found by verify()
+    with other words, so for PNG the missing end chunk decides."""
+    msg = f"{type(err).__name__}: {err}"
+    if isinstance(err, EOFError) or "truncated" in str(err).lower():
+        return RecordError(TRUNCATED, msg)
+    if img_format == "PNG" and _PNG_END not in data[-64:]:
+        return RecordError(TRUNCATED, f"PNG without its IEND chunk ({msg})")
+    return RecordError(NOT_AN_IMAGE, f"undecodable {img_format or 'image'}: {msg}")
+
+
+def check_image(data: bytes, cfg: RecordConfig) -> bytes:
+    """Fully decode `data`; return the bytes to store (the original bytes, or a JPEG re-encode when `max_side`
+    asks for a downscale). Raises RecordError for anything a trainer could not use."""
+    if not data:
+        raise RecordError(EMPTY_FILE, "zero-byte file")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # PIL's bound is set to ours in the workers; it fires at 2x
+        raise RecordError(TOO_MANY_PIXELS, str(e)) from None
+    except Image.UnidentifiedImageError:  # its message names a BytesIO address: useless, not reproducible
+        raise RecordError(NOT_AN_IMAGE, f"no image format recognised (starts with {data[:8]!r})") from None
+    except _DECODE_ERRORS as e:
+        raise RecordError(NOT_AN_IMAGE, f"{type(e).__name__}: {e}") from None
+    with im:
+        w, h = im.size
+        # Checked before load(): the point of the bound is not to allocate the pixels of a decompression bomb.
+        if w * h > cfg.max_image_pixels:
+            raise RecordError(TOO_MANY_PIXELS, f"{w}x{h} = {w * h} pixels > --max_image_pixels {cfg.max_image_pixels}")
+        if min(w, h) < cfg.min_image_size:
+            raise RecordError(TOO_SMALL, f"{w}x{h}: shorter side < --min_image_size {cfg.min_image_size}")
+        fmt = im.format
+        try:
+            im.load()
+            rgb = im if im.mode == "RGB" else im.convert("RGB")  # the trainer converts every image to RGB
+            if fmt == "PNG":  # load() stops at the pixel data; verify() checks the chunks after it and CRCs
+                with Image.open(io.BytesIO(data)) as again:
+                    again.verify()
+        except _DECODE_ERRORS as e:
+            raise _truncated_or_corrupt(fmt, data, e) from None
+        if cfg.max_side is None or max(w, h) <= cfg.max_side:
+            return data  # original bytes: no generation loss
+        # Re-encoding drops EXIF, so apply its orientation first or the image would turn sideways.
+        rgb = ImageOps.exif_transpose(im).convert("RGB")
+        scale = cfg.max_side / max(rgb.size)
+        size = (max(1, round(rgb.size[0] * scale)), max(1, round(rgb.size[1] * scale)))
+        out = io.BytesIO()
+        rgb.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0).save(out, "JPEG", quality=cfg.jpeg_quality)
+        return out.getvalue()
+
+
+def process_line(raw: bytes, source_index: int, cfg: RecordConfig, first_line: bool = False) -> bytes:
+    """One jsonl line -> one encoded part line (caption<TAB>NONE<TAB>base64, newline-terminated)."""
+    if first_line and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # a UTF-8 byte order mark some editors put at the start of a file
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecordError(MALFORMED_JSON, f"not UTF-8: {e}") from None
+    except json.JSONDecodeError as e:
+        raise RecordError(MALFORMED_JSON, str(e)) from None
+    if not isinstance(obj, dict):
+        raise RecordError(NOT_OBJECT, f"got a JSON {type(obj).__name__}")
+    if cfg.caption_key not in obj:
+        raise RecordError(MISSING_CAPTION, f"no {cfg.caption_key!r} key")
+    caption = obj[cfg.caption_key]
+    if not isinstance(caption, str):
+        raise RecordError(CAPTION_NOT_STRING, f"{cfg.caption_key!r} is a {type(caption).__name__}")
+    caption = sanitize_caption(caption)
+    if not caption and not cfg.allow_empty_caption:
+        raise RecordError(BLANK_CAPTION, f"{cfg.caption_key!r} is blank (pass --allow_empty_caption to keep it)")
+    if cfg.image_key not in obj:
+        raise RecordError(MISSING_IMAGE_KEY, f"no {cfg.image_key!r} key")
+    image = obj[cfg.image_key]
+    if not isinstance(image, str):
+        raise RecordError(IMAGE_NOT_STRING, f"{cfg.image_key!r} is a {type(image).__name__}")
+    path = resolve_image_path(image, cfg.roots[source_index], cfg.allow_outside_root)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise RecordError(IMAGE_UNREADABLE, f"{path}: {e}") from None
+    try:
+        stored = check_image(data, cfg)
+    except RecordError as e:
+        raise RecordError(e.reason, f"{path}: {e.detail}") from None
+    return encode_record(caption, stored)
+
+
+# One outcome per record: the encoded line, or (reason, detail).
+Outcome = Union[bytes, Tuple[str, str]]
+Task = Sequence[Tuple[int, bool, bytes]]  # (source index, is first line of its file, raw line)
+
+
+def process_batch(cfg: RecordConfig, batch: Task) -> List[Outcome]:
+    out: List[Outcome] = []
+    for source_index, first_line, raw in batch:
+        try:
+            out.append(process_line(raw, source_index, cfg, first_line))
+        except RecordError as e:  # a per-record verdict, returned to be counted and written to the rejects
+            out.append((e.reason, e.detail))
+    return out
+
+
+def apply_pixel_limit(max_image_pixels: int) -> None:
+    """Align PIL's decompression-bomb guard with ours: PIL must not refuse below our bound (it raises at 2x
+    MAX_IMAGE_PIXELS inside Image.open) nor warn about images we reject anyway."""
+    Image.MAX_IMAGE_PIXELS = max(max_image_pixels, DEFAULT_MAX_IMAGE_PIXELS)
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+# ---------------------------------------------------------------------------------------- pool plumbing
+_WORKER_CFG: Optional[RecordConfig] = None
+
+
+def init_worker(cfg: RecordConfig, main_pid: int) -> None:
+    """Pool initializer: the config travels once per worker, not once per task."""
+    global _WORKER_CFG
+    _WORKER_CFG = cfg
+    apply_pixel_limit(cfg.max_image_pixels)
+    if os.path.isfile(f"/proc/{main_pid}/stat"):  # Linux; elsewhere a killed main can leave a stuck worker
+        threading.Thread(target=_exit_when_gone, args=(main_pid,), name="main-watchdog", daemon=True).start()
+
+
+def _exit_when_gone(main_pid: int, period: float = 0.5) -> None:
+    """A worker holds both ends of its result pipe, so when the main process is SIGKILLed (OOM killer, a user)
+    the worker blocks forever writing a result, and keeps the forkserver alive with it. Nobody is left to
+    report to: leave at once."""
+    while _alive(main_pid):
+        time.sleep(period)
+    os._exit(70)
+
+
+def _alive(pid: int) -> bool:
+    """Running, i.e. neither gone nor a zombie waiting to be reaped (a killed child of a live shell or test)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+
+
+def worker_batch(batch: Task) -> List[Outcome]:
+    if _WORKER_CFG is None:
+        raise RuntimeError("worker_batch called in a process that init_worker did not set up")
+    return process_batch(_WORKER_CFG, batch)

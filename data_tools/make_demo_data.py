@@ -1,0 +1,177 @@
+"""Deterministic synthetic captioned-image dataset: one saturated shape on a neutral gray background.
+
+It is the embedded default of the quickstart and of the tests, so it must be (a) byte-for-byte reproducible from a
+seed, (b) learnable by a tiny diffusion model at 32 px in a few hundred steps, and (c) machine-checkable: every
+jsonl line carries the attributes its caption states, and data_tools/demo_attributes.py reads them back from pixels
+so a generated image can be judged against its prompt.
+
+Design choices (why):
+- 6 colors 60 degrees apart in hue, all highly saturated: they survive blur and noise (hue is kept when a color
+  mixes with gray) and the background, which is gray, has no chroma at all, so the two can never be confused.
+- 3 axis-aligned shapes whose bounding-box fill ratios are far apart (square 1.0, circle 0.785, triangle 0.5):
+  one scalar tells them apart even on a blurry image.
+- 5 positions whose anchors are >= 0.25 of the side apart; the shape is 35-45% of the side with a little jitter.
+- Attribute combinations (6*3*5 = 90) are drawn in shuffled full cycles, so any 90 consecutive images hold every
+  combination once; cycle k is shuffled by its own rng, so a smaller dataset is a prefix of a larger one.
+
+    python data_tools/make_demo_data.py --output_dir D --num_images N --image_size S --seed K [--format png|jpg]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+from typing import Dict, List, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# name -> RGB. Hues 0/60/120/180/240/300 degrees; chroma (max - min) >= 145 for every entry (gray has 0).
+COLORS: Dict[str, Tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "yellow": (225, 205, 30),
+    "green": (40, 185, 50),
+    "cyan": (30, 195, 205),
+    "blue": (40, 70, 225),
+    "magenta": (205, 45, 200),
+}
+SHAPES: Tuple[str, ...] = ("circle", "square", "triangle")
+# name -> shape center as a fraction of the image side (x, y), y growing downwards.
+POSITIONS: Dict[str, Tuple[float, float]] = {
+    "top left": (0.27, 0.27),
+    "top right": (0.73, 0.27),
+    "bottom left": (0.27, 0.73),
+    "bottom right": (0.73, 0.73),
+    "center": (0.5, 0.5),
+}
+
+SHAPE_SIZE_RANGE = (0.35, 0.45)  # side of the shape's bounding box / image side
+POSITION_JITTER = 0.03  # max center shift, fraction of the side: variety without leaving the anchor's cell
+COLOR_JITTER = 12  # max per-channel shift of the shape color, keeps samples varied but never near another color
+BACKGROUND_GRAY_RANGE = (70, 180)  # mid grays: both dark (blue) and light (yellow) shapes stand out
+BACKGROUND_GRADIENT = 12.0  # max top-to-bottom brightness change of the background
+BACKGROUND_NOISE_STD = 2.0  # mild, gray (same on all channels, so it adds no chroma)
+SUPERSAMPLE = 4  # draw at 4x and downsample: antialiased edges at any size, even 16 px
+JPEG_QUALITY = 95
+FORMATS = ("png", "jpg")
+JSONL_NAME = "demo.jsonl"
+IMAGES_DIR = "images"
+
+
+def caption_for(color: str, shape: str, position: str) -> str:
+    """'a red circle at the top left' / 'a red circle in the center'."""
+    _check_attributes(color, shape, position)
+    where = "in the center" if position == "center" else f"at the {position}"
+    return f"a {color} {shape} {where}"
+
+
+def _check_attributes(color: str, shape: str, position: str) -> None:
+    if color not in COLORS:
+        raise ValueError(f"unknown color {color!r}; expected one of {sorted(COLORS)}")
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {list(SHAPES)}")
+    if position not in POSITIONS:
+        raise ValueError(f"unknown position {position!r}; expected one of {list(POSITIONS)}")
+
+
+def _background(image_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Gray level + vertical gradient + gray noise, as float32 HxWx3 in [0, 255]."""
+    level = rng.uniform(*BACKGROUND_GRAY_RANGE)
+    slope = rng.uniform(-BACKGROUND_GRADIENT, BACKGROUND_GRADIENT)
+    ramp = np.linspace(-0.5, 0.5, image_size, dtype=np.float32)[:, None] * slope
+    gray = level + ramp + rng.normal(0.0, BACKGROUND_NOISE_STD, (image_size, image_size)).astype(np.float32)
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def _shape_mask(shape: str, cx: float, cy: float, side: float, image_size: int) -> np.ndarray:
+    """Antialiased coverage in [0, 1] (HxW float32) of the shape, drawn at SUPERSAMPLE x and box-downsampled."""
+    big = image_size * SUPERSAMPLE
+    s = SUPERSAMPLE
+    x0, y0 = (cx - side / 2) * s, (cy - side / 2) * s
+    x1, y1 = (cx + side / 2) * s, (cy + side / 2) * s
+    canvas = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(canvas)
+    if shape == "circle":
+        draw.ellipse([x0, y0, x1, y1], fill=255)
+    elif shape == "square":
+        draw.rectangle([x0, y0, x1, y1], fill=255)
+    else:  # triangle: apex up, base at the bottom of the box, so its bbox fill ratio is 0.5
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=255)
+    small = canvas.resize((image_size, image_size), Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.float32) / 255.0
+
+
+def render(color: str, shape: str, position: str, image_size: int, rng: np.random.Generator) -> Image.Image:
+    """One RGB image of `image_size` x `image_size`. All randomness (background, jitter) comes from `rng`."""
+    _check_attributes(color, shape, position)
+    if image_size < 8:
+        raise ValueError(f"image_size must be >= 8 pixels, got {image_size}")
+    side = rng.uniform(*SHAPE_SIZE_RANGE) * image_size
+    ax, ay = POSITIONS[position]
+    cx = (ax + rng.uniform(-POSITION_JITTER, POSITION_JITTER)) * image_size
+    cy = (ay + rng.uniform(-POSITION_JITTER, POSITION_JITTER)) * image_size
+    rgb = np.asarray(COLORS[color], dtype=np.float32) + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, 3)
+    bg = _background(image_size, rng)
+    alpha = _shape_mask(shape, cx, cy, side, image_size)[:, :, None]
+    out = bg * (1.0 - alpha) + rgb[None, None, :] * alpha
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "RGB")
+
+
+def attribute_sequence(num_images: int, seed: int) -> List[Tuple[str, str, str]]:
+    """(color, shape, position) for images 0..num_images-1: shuffled full cycles over all combinations."""
+    combos = list(itertools.product(COLORS, SHAPES, POSITIONS))
+    out: List[Tuple[str, str, str]] = []
+    cycle = 0
+    while len(out) < num_images:
+        order = np.random.default_rng([seed, 1, cycle]).permutation(len(combos))
+        out.extend(combos[i] for i in order)
+        cycle += 1
+    return out[:num_images]
+
+
+def generate_demo_dataset(output_dir: str, num_images: int, image_size: int = 64, seed: int = 0,
+                          fmt: str = "png") -> str:
+    """Write OUTPUT_DIR/images/NNNNNN.<fmt> and OUTPUT_DIR/demo.jsonl; return the jsonl path.
+
+    Image i is rendered from rng seeded with (seed, 0, i), so any image can be regenerated alone and the output
+    does not depend on num_images beyond its length."""
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    image_dir = os.path.join(output_dir, IMAGES_DIR)
+    os.makedirs(image_dir, exist_ok=True)
+    jsonl_path = os.path.join(output_dir, JSONL_NAME)
+    tmp_path = jsonl_path + ".tmp"
+    with open(tmp_path, "w", encoding="utf-8") as f:
+        for i, (color, shape, position) in enumerate(attribute_sequence(num_images, seed)):
+            image = render(color, shape, position, image_size, np.random.default_rng([seed, 0, i]))
+            rel = f"{IMAGES_DIR}/{i:06d}.{fmt}"
+            if fmt == "png":
+                image.save(os.path.join(output_dir, rel), format="PNG")
+            else:
+                image.save(os.path.join(output_dir, rel), format="JPEG", quality=JPEG_QUALITY)
+            record = {"caption": caption_for(color, shape, position), "image": rel,
+                      "color": color, "shape": shape, "position": position}
+            f.write(json.dumps(record) + "\n")
+    # The jsonl appears only once every image it names exists: a reader never sees a half-written dataset.
+    os.replace(tmp_path, jsonl_path)
+    return jsonl_path
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--num_images", type=int, default=900, help="900 = 10 images of each of the 90 combinations")
+    parser.add_argument("--image_size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--format", dest="fmt", choices=FORMATS, default="png")
+    args = parser.parse_args(argv)
+    path = generate_demo_dataset(args.output_dir, args.num_images, args.image_size, args.seed, args.fmt)
+    print(f"wrote {args.num_images} images of {args.image_size}px and {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

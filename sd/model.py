@@ -1,0 +1,205 @@
+"""The latent-diffusion model wrapper: frozen VAE and text encoder, trainable UNet, optional EMA, and its loss.
+
+Components come from ppdiffusers/paddlenlp (AutoencoderKL, CLIPTextModel, UNet2DConditionModel, DDPMScheduler,
+LitEma); this file only wires them and owns the training randomness (noise, timesteps, VAE sampling).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+
+import paddle
+from paddle import nn
+from ppdiffusers.transformers import CLIPTextModel  # the class StableDiffusionPipeline expects (.dtype etc.)
+from ppdiffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from ppdiffusers.models.ema import LitEma
+from ppdiffusers.models.resnet import ResnetBlock2D
+from ppdiffusers.models.transformer_2d import Transformer2DModel
+from ppdiffusers.training_utils import freeze_params
+
+from sd import losses
+
+logger = logging.getLogger("sd")
+
+
+def zero_init_unet(unet: UNet2DConditionModel) -> None:
+    """The reference's from-scratch init: zero conv_out, every resnet's conv2 and every transformer's proj_out,
+    so each residual branch starts as the identity and the initial prediction is zero."""
+    def zero(layer):
+        for p in (layer.weight, layer.bias):
+            if p is not None:
+                p.set_value(paddle.zeros_like(p))
+
+    zero(unet.conv_out)
+    for _, m in unet.named_sublayers():
+        if isinstance(m, ResnetBlock2D):
+            zero(m.conv2)
+        elif isinstance(m, Transformer2DModel):
+            zero(m.proj_out)
+
+
+def load_unet(model_args) -> UNet2DConditionModel:
+    if model_args.unet_from_config:
+        with open(model_args.unet_path, encoding="utf-8") as f:
+            config = json.load(f)
+        unet = UNet2DConditionModel.from_config(config)
+        zero_init_unet(unet)
+        logger.info("UNet: from scratch, config %s (zeroed conv_out, resnet conv2, proj_out)", model_args.unet_path)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(model_args.unet_path)
+        logger.info("UNet: pretrained weights from %s", model_args.unet_path)
+    return unet
+
+
+class LatentDiffusionModel(nn.Layer):
+    def __init__(self, model_args, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+                 unet: UNet2DConditionModel, noise_scheduler: DDPMScheduler):
+        super().__init__()
+        self.model_args = model_args
+        self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
+        self.noise_scheduler = noise_scheduler
+        self.prediction_type = model_args.prediction_type
+        self.train_text_encoder = model_args.train_text_encoder
+        self.scaling_factor = float(vae.config.scaling_factor)
+        text_dim = text_encoder.config.hidden_size
+        if unet.config.cross_attention_dim != text_dim:
+            raise ValueError(f"UNet cross_attention_dim {unet.config.cross_attention_dim} != text encoder hidden "
+                             f"size {text_dim} ({model_args.unet_path} vs {model_args.text_encoder_path})")
+        if unet.config.in_channels != vae.config.latent_channels:
+            raise ValueError(f"UNet in_channels {unet.config.in_channels} != VAE latent_channels "
+                             f"{vae.config.latent_channels}")
+        freeze_params(self.vae.parameters())
+        self.vae.eval()
+        if not self.train_text_encoder:
+            freeze_params(self.text_encoder.parameters())
+            self.text_encoder.eval()
+        self.model_ema = LitEma(self.unet, decay=model_args.ema_decay) if model_args.use_ema else None
+
+    @classmethod
+    def from_args(cls, model_args) -> "LatentDiffusionModel":
+        vae = AutoencoderKL.from_pretrained(model_args.vae_path)
+        text_encoder = CLIPTextModel.from_pretrained(model_args.text_encoder_path)
+        unet = load_unet(model_args)
+        scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  num_train_timesteps=1000, prediction_type=model_args.prediction_type)
+        return cls(model_args, vae, text_encoder, unet, scheduler)
+
+    def train(self):
+        """The Trainer calls model.train() every step; frozen parts stay in eval mode."""
+        super().train()
+        self.vae.eval()
+        if not self.train_text_encoder:
+            self.text_encoder.eval()
+        return self
+
+    # ------------------------------------------------------------------------------------------ trainer hooks
+    def param_groups(self, base_lr: float):
+        """Optimizer groups; paddle's per-group learning_rate is a multiplier of the scheduler's value."""
+        groups = [{"params": [p for p in self.unet.parameters() if not p.stop_gradient], "learning_rate": 1.0}]
+        if self.train_text_encoder:
+            te_lr = self.model_args.text_encoder_learning_rate or base_lr
+            groups.append({"params": [p for p in self.text_encoder.parameters() if not p.stop_gradient],
+                           "learning_rate": te_lr / base_lr})
+        return groups
+
+    def save_trained(self, output_dir: str, only_updated: bool, tokenizer=None) -> None:
+        """unet/ (+ text_encoder/ when trained), or a whole pipeline folder; unet_ema/ with --use_ema."""
+        if only_updated:
+            self.unet.save_pretrained(os.path.join(output_dir, "unet"))
+            if self.train_text_encoder:
+                self.text_encoder.save_pretrained(os.path.join(output_dir, "text_encoder"), safe_serialization=True)
+        else:  # loadable by StableDiffusionPipeline.from_pretrained(output_dir)
+            from sd import sampling
+
+            scheduler = sampling.make_scheduler("ddim", self.noise_scheduler.config)
+            sampling.make_pipeline(self.vae, self.text_encoder, tokenizer, self.unet, scheduler).save_pretrained(
+                output_dir)
+        if self.model_ema is not None:
+            with self.ema_scope():
+                self.unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
+
+    def save_resume_state(self, checkpoint: str) -> None:
+        if self.model_ema is not None:  # fp32 shadow weights + warm-up counter, for an exact resume
+            paddle.save({"buffers": self.model_ema.state_dict(), "num_updates": self.model_ema.num_updates},
+                        os.path.join(checkpoint, "ema_state.pdparams"))
+
+    def load_trained(self, checkpoint: str) -> None:
+        """Weights and EMA of a checkpoint of this recipe, into the already-built model."""
+        unet_dir = os.path.join(checkpoint, "unet")
+        if not os.path.isdir(unet_dir):
+            raise FileNotFoundError(f"{checkpoint}: no unet/ folder (not a checkpoint of this recipe?)")
+        self.unet.set_state_dict(UNet2DConditionModel.from_pretrained(unet_dir).state_dict())
+        if self.train_text_encoder:
+            te_dir = os.path.join(checkpoint, "text_encoder")
+            if not os.path.isdir(te_dir):
+                raise FileNotFoundError(f"{checkpoint}: --train_text_encoder is on but it has no text_encoder/")
+            self.text_encoder.set_state_dict(CLIPTextModel.from_pretrained(te_dir).state_dict())
+        if self.model_ema is not None:
+            ema_file = os.path.join(checkpoint, "ema_state.pdparams")
+            if not os.path.isfile(ema_file):
+                raise FileNotFoundError(f"{checkpoint}: --use_ema is on but it has no ema_state.pdparams")
+            ema = paddle.load(ema_file)
+            self.model_ema.set_state_dict(ema["buffers"])
+            self.model_ema.num_updates = int(ema["num_updates"])
+
+    def on_train_batch_end(self) -> None:
+        if self.model_ema is not None:
+            self.model_ema(self.unet)
+
+    # ------------------------------------------------------------------------------------------ features
+    def enable_recompute(self) -> None:
+        self.unet.enable_gradient_checkpointing()
+        if self.train_text_encoder and hasattr(self.text_encoder, "gradient_checkpointing_enable"):
+            self.text_encoder.gradient_checkpointing_enable()
+
+    def enable_memory_efficient_attention(self) -> None:
+        self.unet.enable_xformers_memory_efficient_attention()
+        self.vae.enable_xformers_memory_efficient_attention()
+
+    # ------------------------------------------------------------------------------------------ training
+    def encode_text(self, input_ids: paddle.Tensor) -> paddle.Tensor:
+        if self.train_text_encoder:
+            return self.text_encoder(input_ids)[0]
+        with paddle.no_grad():
+            return self.text_encoder(input_ids)[0]
+
+    def forward(self, input_ids: paddle.Tensor, pixel_values: paddle.Tensor, sample_keys=None,
+                **kwargs) -> paddle.Tensor:
+        """The training loss. `sample_keys` ([B] ints, from the Trainer) key each sample's random draws, so a
+        sample's noise, timestep and VAE draw depend only on (seed, micro-step, global sample index): the same on
+        1 card with batch 2B as on 2 cards with batch B, and the same after a resume."""
+        args = self.model_args
+        with paddle.no_grad():
+            posterior = self.vae.encode(pixel_values).latent_dist
+        shape = posterior.mean.shape
+        d = losses.sample_draws(sample_keys, shape, self.noise_scheduler.config.num_train_timesteps)
+        with paddle.no_grad():
+            latents = (posterior.mean + posterior.std * d["vae"].astype(posterior.mean.dtype)) * self.scaling_factor
+        noise = losses.offset_noise(d["noise"], args.noise_offset, d["offset"]).astype(latents.dtype)
+        input_noise = losses.perturb_noise(noise, args.input_perturbation, d["perturb"].astype(latents.dtype))
+        timesteps = d["timesteps"]
+        noisy_latents = self.noise_scheduler.add_noise(latents, input_noise, timesteps)
+        target = losses.diffusion_target(self.prediction_type, latents, noise, timesteps, self.noise_scheduler)
+        encoder_hidden_states = self.encode_text(input_ids)
+        pred = self.unet(noisy_latents, timesteps, encoder_hidden_states).sample
+        weights = None
+        if args.snr_gamma is not None:
+            snr = losses.snr_of(self.noise_scheduler, timesteps)
+            weights = losses.min_snr_weights(snr, args.snr_gamma, self.prediction_type)
+        return losses.diffusion_loss(pred, target, weights)
+
+    @contextlib.contextmanager
+    def ema_scope(self):
+        """Swap the EMA weights into the UNet for sampling/saving and put the training weights back after."""
+        if self.model_ema is None:
+            yield
+            return
+        params = list(self.unet.parameters())
+        self.model_ema.store(params)
+        self.model_ema.copy_to(self.unet)
+        try:
+            yield
+        finally:
+            self.model_ema.restore(params)

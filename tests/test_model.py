@@ -1,0 +1,79 @@
+"""The model wrapper on the tiny init: from-scratch init, frozen parts, EMA swap, the non-finite step guard."""
+import numpy as np
+import paddle
+import pytest
+from ppdiffusers.models.resnet import ResnetBlock2D
+from ppdiffusers.models.transformer_2d import Transformer2DModel
+
+from conftest import TINY_INIT
+from sd.args import ModelArguments
+from sd.model import LatentDiffusionModel
+from trainer.streaming_trainer import GuardedAdamW
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def model():
+    paddle.seed(0)
+    return LatentDiffusionModel.from_args(ModelArguments(pretrained_model_name_or_path=TINY_INIT, use_ema=True,
+                                                         ema_decay=0.9))
+
+
+def batch(n=2):
+    return {"input_ids": paddle.randint(0, 49407, [n, 77]), "pixel_values": paddle.rand([n, 3, 32, 32]) * 2 - 1}
+
+
+def test_from_scratch_init_zeroes_output_paths(model):
+    unet = model.unet
+    assert not unet.conv_out.weight.numpy().any()
+    zeroed = [m.conv2.weight for _, m in unet.named_sublayers() if isinstance(m, ResnetBlock2D)]
+    zeroed += [m.proj_out.weight for _, m in unet.named_sublayers() if isinstance(m, Transformer2DModel)]
+    assert zeroed and all(not w.numpy().any() for w in zeroed)
+    assert unet.conv_in.weight.numpy().std() > 0  # the rest keeps its random init
+
+
+def test_frozen_parts_and_train_mode(model):
+    assert all(p.stop_gradient for p in model.vae.parameters())
+    assert all(p.stop_gradient for p in model.text_encoder.parameters())
+    model.train()
+    assert model.unet.training and not model.vae.training and not model.text_encoder.training
+
+
+def test_ema_moves_and_training_weights_return(model):
+    opt = GuardedAdamW(learning_rate=1e-2, parameters=model.param_groups(1e-2))
+    for _ in range(3):
+        model(**batch()).backward()
+        opt.step()
+        opt.clear_grad()
+        model.on_train_batch_end()
+    trained = model.unet.conv_out.weight.numpy().copy()
+    with model.ema_scope():
+        ema = model.unet.conv_out.weight.numpy().copy()
+    assert not np.array_equal(ema, trained) and np.abs(ema).sum() > 0  # EMA moved, and separately
+    assert np.array_equal(model.unet.conv_out.weight.numpy(), trained)  # training weights are back
+
+
+def test_nonfinite_steps_are_skipped_counted_then_stop(model):
+    opt = GuardedAdamW(learning_rate=1e-2, parameters=model.param_groups(1e-2), max_nonfinite_steps=2)
+    before = model.unet.conv_in.weight.numpy().copy()
+    (model(**batch()) * float("nan")).backward()
+    opt.step()
+    opt.clear_grad()
+    assert opt.nonfinite_skipped == 1 and np.array_equal(model.unet.conv_in.weight.numpy(), before)
+    (model(**batch()) * float("inf")).backward()
+    with pytest.raises(FloatingPointError, match="2 consecutive steps"):
+        opt.step()
+    opt.clear_grad()
+    model(**batch()).backward()
+    opt.nonfinite_in_a_row = 0
+    opt.step()  # a finite step applies again
+    opt.clear_grad()
+    assert not np.array_equal(model.unet.conv_in.weight.numpy(), before)
+
+
+def test_sample_keys_make_the_loss_reproducible(model):
+    b = batch()
+    keys = [(1, 0, 0), (1, 0, 1)]
+    assert float(model(**b, sample_keys=keys)) == float(model(**b, sample_keys=keys))
+    assert float(model(**b, sample_keys=keys)) != float(model(**b, sample_keys=[(1, 1, 0), (1, 1, 1)]))

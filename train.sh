@@ -1,0 +1,70 @@
+#!/usr/bin/env sh
+# UNet pretraining. Usage:
+#   sh train.sh                              the embedded default (demo data, tiny init, CPU, a few minutes)
+#   sh train.sh [LAUNCH FLAGS] [TRAIN FLAGS] your own run; TRAIN FLAGS are train.py's (see README)
+#
+# LAUNCH FLAGS (any of them runs through `python -m paddle.distributed.launch`):
+#   --gpus 0,1,2,3         one process per listed GPU (as the reference)
+#   --nproc_per_node N     N processes (on CPU: gloo; for tests and debugging)
+#   --ips IP1,IP2          several nodes, as the reference (run the same command on every node)
+#   --master IP:PORT --nnodes N [--rank R]   several nodes through a master address
+#
+# Environment aliases (the reference's train.sh), each turned into its train.py flag *before* your flags, so an
+# explicit flag on the command line wins:
+#   FLAG_USE_EMA=1 -> --use_ema True          FLAG_RECOMPUTE=1 -> --recompute True
+#   FLAG_XFORMERS=1 -> --enable_xformers_memory_efficient_attention True
+#   FLAG_BENCHMARK=1 -> --benchmark True      FLAG_FUSED_LINEAR=1 -> --use_fused_linear True
+# (value 0 gives False.) FLAGS_* variables of Paddle itself (e.g. FLAGS_conv_workspace_size_limit) pass through.
+# DRY_RUN=1 prints the command instead of running it.
+set -eu
+cd "$(dirname "$0")"
+PY=${PY:-python}
+[ -x .venv/bin/python ] && [ "${PY}" = python ] && PY=.venv/bin/python
+
+for name in FLAG_USE_EMA FLAG_RECOMPUTE FLAG_XFORMERS FLAG_BENCHMARK FLAG_FUSED_LINEAR; do
+  eval "v=\${$name:-}"
+  case "$v" in
+    ""|0|1|true|True|false|False) ;;
+    *) echo "train.sh: $name must be 0 or 1, got '$v'" >&2; exit 2 ;;
+  esac
+done
+alias_flag() {  # $1 env var name, $2 train.py flag
+  eval "v=\${$1:-}"
+  case "$v" in
+    1|true|True) printf '%s True ' "$2" ;;
+    0|false|False) printf '%s False ' "$2" ;;
+  esac
+}
+ENV_FLAGS="$(alias_flag FLAG_USE_EMA --use_ema)$(alias_flag FLAG_RECOMPUTE --recompute)\
+$(alias_flag FLAG_XFORMERS --enable_xformers_memory_efficient_attention)$(alias_flag FLAG_BENCHMARK --benchmark)\
+$(alias_flag FLAG_FUSED_LINEAR --use_fused_linear)"
+
+# Split launch flags from train flags.
+LAUNCH=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --gpus|--nproc_per_node|--ips|--master|--nnodes|--rank|--log_dir|--job_id)
+      [ $# -ge 2 ] || { echo "train.sh: $1 needs a value" >&2; exit 2; }
+      LAUNCH="$LAUNCH $1 $2"; shift 2 ;;
+    *) break ;;
+  esac
+done
+
+if [ $# -eq 0 ]; then
+  # The embedded default: a preset of flags (sd/configs/tiny_default.args), demo data made on first use.
+  sh scripts/prepare_demo_data.sh
+  # shellcheck disable=SC2046
+  set -- $(grep -v '^#' sd/configs/tiny_default.args)
+fi
+
+run() {
+  if [ "${DRY_RUN:-0}" = 1 ]; then echo "$@"; else exec "$@"; fi
+}
+if [ -n "$LAUNCH" ]; then
+  [ "${DRY_RUN:-0}" = 1 ] || "$PY" scripts/preflight.py $LAUNCH -- "$@"
+  # shellcheck disable=SC2086
+  run "$PY" -u -m paddle.distributed.launch $LAUNCH train.py $ENV_FLAGS "$@"
+else
+  # shellcheck disable=SC2086
+  run "$PY" -u train.py $ENV_FLAGS "$@"
+fi

@@ -1,0 +1,247 @@
+"""One logical worker's infinite, deterministic, resumable sample stream.
+
+A stream is: per source a cursor (epoch, position in the worker's part order, next line, plus the counters
+that decide when a part or source is given up), a weighted source choice per insertion, and a shuffle
+buffer. All randomness is counter-based (sharding.py), so the whole state is a few integers plus the
+buffer's contents as references (source, epoch, part index, line) that a restore re-reads from the parts.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from data_tools.part_format import RecordError, iter_part_lines, parse_record
+from trainer.sharding import (WorkerLayout, buffer_pick, choose_source, keeps_line, sharding_mode,
+                              worker_parts)
+from trainer.transforms import ImageTransform
+
+logger = logging.getLogger("trainer.loader")
+
+TAG_SAMPLE = 4  # sharding.py's tags are 1-3
+Ref = Tuple[int, int, int, int]  # (source, epoch, part index, line number)
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A source as the stream sees it: parts resolved, format decided, weight."""
+
+    filelist: str
+    weight: float
+    parts: Tuple[str, ...]
+    data_format: str
+
+
+@dataclass
+class Record:
+    ref: Ref
+    caption: str
+    image: bytes
+    part_path: str
+
+
+@dataclass
+class Sample:
+    """One emitted sample, with the metadata inspect_data.py writes."""
+
+    pixel_values: np.ndarray  # float32 [3, R, R]
+    caption: str  # after caption dropout ("" when dropped)
+    raw_caption: str
+    ref: Ref
+    part_path: str
+
+
+class SkipCounter:
+    """Counts skipped records by reason and logs them, rate-limited: the first few of each reason, then at
+    every power of ten, so a bad dataset is visible without flooding the log."""
+
+    FIRST = 5
+
+    def __init__(self, where: str, counts: Optional[Dict[str, int]] = None):
+        self.where = where
+        self.counts: Dict[str, int] = dict(counts or {})
+
+    def add(self, reason: str, detail: str) -> None:
+        n = self.counts.get(reason, 0) + 1
+        self.counts[reason] = n
+        if n <= self.FIRST or str(n).rstrip("0") == "1":  # the first few, then 10, 100, 1000, ...
+            logger.warning("%s: skipped record (%s, %d so far): %s", self.where, reason, n, detail)
+
+
+def fresh_cursor_state(epoch: int = 0) -> Dict[str, int]:
+    return {"epoch": epoch, "pos": 0, "line": 0, "fails": 0, "hits": 0, "empty": 0}
+
+
+class SourceCursor:
+    """Reads one source's records for one global worker, looping over epochs forever."""
+
+    def __init__(self, index: int, spec: SourceSpec, layout: WorkerLayout, global_worker: int, seed: int,
+                 transform: ImageTransform, skips: SkipCounter, max_consecutive_failures: int,
+                 state: Dict[str, int]):
+        self.index, self.spec, self.seed = index, spec, seed
+        self.g, self.G = global_worker, layout.global_workers
+        self.mode = sharding_mode(len(spec.parts), self.G)
+        self.transform, self.skips = transform, skips
+        self.max_fails = max_consecutive_failures
+        # A source with no usable record for this many consecutive epochs of this worker is an error rather
+        # than an endless scan. Generous: in part mode a lone good part reaches a given worker in an epoch
+        # with probability ~1/G, so (1 - 1/G)^(10G + 10) < 5e-5 of a false alarm.
+        self.max_empty_epochs = 10 * self.G + 10
+        self.epoch, self.pos, self.line = state["epoch"], state["pos"], state["line"]
+        self.fails, self.hits, self.empty = state["fails"], state["hits"], state["empty"]
+        self._order_epoch = -1
+        self._order: List[int] = []
+        self._it = None
+        self._path = ""
+        self._part_idx = -1
+
+    def state(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos, "line": self.line, "fails": self.fails,
+                "hits": self.hits, "empty": self.empty}
+
+    def _parts_this_epoch(self) -> List[int]:
+        if self._order_epoch != self.epoch:
+            self._order = worker_parts(len(self.spec.parts), self.seed, self.index, self.epoch, self.g, self.G)
+            self._order_epoch = self.epoch
+        return self._order
+
+    def _next_part(self) -> None:
+        if self._it is not None:
+            self._it.close()
+        self._it = None
+        self.pos, self.line, self.fails = self.pos + 1, 0, 0
+
+    def _end_epoch(self) -> None:
+        self.empty = self.empty + 1 if self.hits == 0 else 0
+        if self.empty >= self.max_empty_epochs:
+            raise RuntimeError(
+                f"source {self.spec.filelist}: no usable record for global worker {self.g}/{self.G} in "
+                f"{self.empty} consecutive epochs ({self.mode} sharding, {len(self.spec.parts)} parts); "
+                f"skips so far: {self.skips.counts}")
+        self.epoch, self.pos, self.line, self.fails, self.hits = self.epoch + 1, 0, 0, 0, 0
+
+    def next_record(self) -> Record:
+        while True:
+            if self._it is None:
+                parts = self._parts_this_epoch()
+                if self.pos >= len(parts):
+                    self._end_epoch()
+                    continue
+                self._part_idx = parts[self.pos]
+                self._path = self.spec.parts[self._part_idx]
+                self._it = iter_part_lines(self._path, self.line)
+            try:
+                item = next(self._it, None)
+            except RecordError as e:  # truncated/corrupt gzip: the lines before it were read
+                self.skips.add(e.reason, e.detail)
+                self._next_part()
+                continue
+            if item is None:
+                self._next_part()
+                continue
+            line_no, raw = item
+            self.line = line_no + 1
+            if not keeps_line(self.mode, line_no, self.pos, self.epoch, self.g, self.G):
+                continue
+            try:
+                caption, image = parse_record(raw, self.spec.data_format)
+                self.transform.probe(image)
+            except RecordError as e:
+                self.skips.add(e.reason, f"{self._path}:{line_no + 1}: {e.detail}")
+                self.fails += 1
+                if self.fails >= self.max_fails:
+                    self.skips.add("part_abandoned", f"{self._path}: {self.fails} consecutive bad records up "
+                                   f"to line {line_no + 1}; giving up on this part for epoch {self.epoch}")
+                    self._next_part()
+                continue
+            self.fails = 0
+            self.hits += 1
+            return Record((self.index, self.epoch, self._part_idx, line_no), caption, image, self._path)
+
+
+def read_refs(sources: Sequence[SourceSpec], refs: Sequence[Ref]) -> Dict[Ref, Record]:
+    """Re-read the records behind shuffle-buffer references, scanning each part involved once."""
+    by_part: Dict[Tuple[int, int], Dict[int, List[Ref]]] = {}
+    for ref in refs:
+        s, _, p, ln = ref
+        if not (0 <= s < len(sources) and 0 <= p < len(sources[s].parts)):
+            raise ValueError(f"loader state references source {s} part {p}, which the file list does not have")
+        by_part.setdefault((s, p), {}).setdefault(ln, []).append(ref)
+    out: Dict[Ref, Record] = {}
+    for (s, p), lines in by_part.items():
+        path, last = sources[s].parts[p], max(lines)
+        for line_no, raw in iter_part_lines(path, min(lines)):
+            if line_no in lines:
+                caption, image = parse_record(raw, sources[s].data_format)
+                out.update((ref, Record(ref, caption, image, path)) for ref in lines[line_no])
+            if line_no >= last:
+                break
+        missing = [ln for ln in lines if lines[ln][0] not in out]
+        if missing:
+            raise ValueError(f"cannot resume the shuffle buffer: {path} has no record at line(s) "
+                             f"{sorted(ln + 1 for ln in missing)[:5]}; the part changed since the checkpoint")
+    return out
+
+
+@dataclass
+class StreamConfig:
+    seed: int
+    buffer_size: int
+    caption_dropout_prob: float
+    max_consecutive_failures: int
+    skips_where: str = "loader"
+
+
+class WorkerStream:
+    """The sample stream of one logical worker. `state()` after any emission restores to the same point."""
+
+    def __init__(self, sources: Sequence[SourceSpec], layout: WorkerLayout, logical_worker: int,
+                 transform: ImageTransform, cfg: StreamConfig, state: Optional[dict] = None):
+        self.sources, self.cfg, self.transform = list(sources), cfg, transform
+        self.logical = logical_worker
+        self.g = layout.global_id(logical_worker)
+        weights = np.array([s.weight if s.parts else 0.0 for s in self.sources], dtype=np.float64)
+        self.cum_weights = np.cumsum(weights)
+        st = state or {"sources": [fresh_cursor_state() for _ in self.sources], "inserted": 0, "emitted": 0,
+                       "buffer": [], "skips": {}}
+        self.skips = SkipCounter(f"{cfg.skips_where} worker {self.g}", st["skips"])
+        self.cursors = [SourceCursor(i, spec, layout, self.g, cfg.seed, transform, self.skips,
+                                     cfg.max_consecutive_failures, cs)
+                        for i, (spec, cs) in enumerate(zip(self.sources, st["sources"]))]
+        self.inserted, self.emitted = st["inserted"], st["emitted"]
+        refs = [tuple(r) for r in st["buffer"]]
+        records = read_refs(self.sources, refs) if refs else {}
+        self.buffer: List[Record] = [records[r] for r in refs]
+
+    def state(self) -> dict:
+        return {"sources": [c.state() for c in self.cursors], "inserted": self.inserted,
+                "emitted": self.emitted, "buffer": [list(r.ref) for r in self.buffer],
+                "skips": dict(self.skips.counts)}
+
+    def _insert(self) -> Record:
+        s = choose_source(self.cum_weights, self.cfg.seed, self.g, self.inserted)
+        self.inserted += 1
+        return self.cursors[s].next_record()
+
+    def next_sample(self, out: Optional[np.ndarray] = None) -> Sample:
+        """The next sample; its pixels are written into `out` ([3, R, R] float32) when given."""
+        while True:
+            while len(self.buffer) < self.cfg.buffer_size:
+                self.buffer.append(self._insert())
+            i = buffer_pick(len(self.buffer), self.cfg.seed, self.g, self.emitted)
+            self.emitted += 1
+            rec = self.buffer[i]
+            self.buffer[i] = self._insert()
+            s, epoch, part, line = rec.ref
+            # Per-record randomness keyed by the record and its epoch: the same augmentation whichever
+            # worker reads it, and nothing to save.
+            rng = np.random.default_rng([self.cfg.seed, TAG_SAMPLE, s, epoch, part, line])
+            dropped = rng.random() < self.cfg.caption_dropout_prob
+            try:
+                pixels = self.transform(rec.image, rng, out)
+            except RecordError as e:  # the header was fine at insertion, the pixel data is not
+                self.skips.add(e.reason, f"{rec.part_path}:{line + 1}: {e.detail}")
+                continue
+            return Sample(pixels, "" if dropped else rec.caption, rec.caption, rec.ref, rec.part_path)

@@ -1,0 +1,174 @@
+"""Streaming text-image dataset for Stable Diffusion pretraining: weighted sources of laion-format parts,
+sharded over ranks x DataLoader workers, deterministic, exactly resumable, robust to bad records.
+
+Pieces: sharding.py (who reads what), transforms.py (image -> tensor), sample_stream.py (one worker's
+stream), loader_state.py (checkpoint state and its tracker). This module wires them behind the interface the
+Trainer uses:
+
+    ds = TextImageDataset(cfg, tokenizer, per_device_batch, rank, world_size, num_workers)
+    ds.load_state_dict(saved)            # optional, before build_dataloader()
+    dl = build_dataloader(ds)
+    tracker = LoaderStateTracker(ds)
+    for batch in dl: batch = tracker.consume(batch) ...
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional
+
+import numpy as np
+import paddle
+
+from data_tools.part_format import DATA_FORMATS, data_format_of, read_filelist_list
+from trainer.loader_state import LoaderStateTracker, ResumePlan, batch_state, fresh_plan, plan_resume
+from trainer.sample_stream import Sample, SourceSpec, StreamConfig, WorkerStream
+from trainer.sharding import WorkerLayout, sharding_mode
+from trainer.transforms import INTERPOLATIONS, ImageTransform
+
+__all__ = ["LoaderConfig", "TextImageDataset", "build_dataloader", "LoaderStateTracker", "Sample"]
+
+
+@dataclass
+class LoaderConfig:
+    file_list: str  # a .filelist.list
+    resolution: int = 256
+    data_format: Optional[str] = None  # None: each source's manifest (part_format.data_format_of), else laion400m
+    interpolation: str = "lanczos"  # lanczos | bicubic | bilinear | nearest
+    center_crop: bool = False  # False = random crop, as the reference
+    random_flip: bool = False
+    min_image_size: int = 0  # images whose shorter side is smaller are skipped AND counted
+    caption_dropout_prob: float = 0.1  # caption replaced by "" (the unconditional prompt for CFG)
+    model_max_length: int = 77
+    shuffle_buffer_size: int = 256
+    seed: int = 42
+    max_consecutive_failures: int = 50  # N failures in a row end that part with a warning naming it
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.file_list, str) or not self.file_list:
+            raise ValueError(f"LoaderConfig.file_list must be a path, got {self.file_list!r}")
+        if self.data_format is not None and self.data_format not in DATA_FORMATS:
+            raise ValueError(f"LoaderConfig.data_format {self.data_format!r} not in {DATA_FORMATS} (or None)")
+        if self.resolution < 8:
+            raise ValueError(f"LoaderConfig.resolution must be >= 8, got {self.resolution}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"LoaderConfig.interpolation {self.interpolation!r} not in {sorted(INTERPOLATIONS)}")
+        if self.min_image_size < 0:
+            raise ValueError(f"LoaderConfig.min_image_size must be >= 0, got {self.min_image_size}")
+        if not 0.0 <= self.caption_dropout_prob <= 1.0:
+            raise ValueError(f"LoaderConfig.caption_dropout_prob must be in [0, 1], got {self.caption_dropout_prob}")
+        if self.model_max_length < 2:
+            raise ValueError(f"LoaderConfig.model_max_length must be >= 2, got {self.model_max_length}")
+        if self.shuffle_buffer_size < 1:
+            raise ValueError(f"LoaderConfig.shuffle_buffer_size must be >= 1, got {self.shuffle_buffer_size}")
+        if self.seed < 0:
+            raise ValueError(f"LoaderConfig.seed must be >= 0 (it keys numpy SeedSequences), got {self.seed}")
+        if self.max_consecutive_failures < 1:
+            raise ValueError(
+                f"LoaderConfig.max_consecutive_failures must be >= 1, got {self.max_consecutive_failures}")
+
+
+class TextImageDataset(paddle.io.IterableDataset):
+    """Yields complete batches: {"pixel_values": float32 [B,3,R,R] in [-1,1], "input_ids": int64 [B,L]
+    (absent when tokenizer is None), "loader_state": JSON str}."""
+
+    def __init__(self, config: LoaderConfig, tokenizer: Any, batch_size: int, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.config, self.tokenizer, self.batch_size = config, tokenizer, batch_size
+        self.num_workers = num_workers
+        self.layout = WorkerLayout(rank, world_size, num_workers)
+        # Validates the file list now, naming any missing filelist or part, rather than in a worker later.
+        self.sources = [SourceSpec(src.filelist, src.weight, src.parts, data_format_of(src.filelist,
+                                                                                       config.data_format))
+                        for src in read_filelist_list(config.file_list)]
+        self.transform = ImageTransform(config.resolution, config.interpolation, config.center_crop,
+                                        config.random_flip, config.min_image_size)
+        self.resume_plan: ResumePlan = fresh_plan(self.layout.workers_per_rank)
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_header(self) -> dict:
+        return {"rank": self.layout.rank, "world_size": self.layout.world_size,
+                "num_workers": self.num_workers, "seed": self.config.seed,
+                "sources": [{"filelist": s.filelist, "parts": len(s.parts)} for s in self.sources]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from LoaderStateTracker.state_dict(). Call before build_dataloader()."""
+        self.resume_plan = plan_resume(state, self.state_header())
+
+    def describe(self) -> str:
+        srcs = ", ".join(
+            f"{s.filelist} (w={s.weight:g}, {s.data_format}, {len(s.parts)} parts, by "
+            f"{sharding_mode(len(s.parts), self.layout.global_workers) if s.parts else 'none: empty'})"
+            for s in self.sources)
+        lay = self.layout
+        return (f"{len(self.sources)} source(s): {srcs}; {lay.global_workers} global workers "
+                f"(world {lay.world_size} x {lay.workers_per_rank} per rank), rank {lay.rank}, "
+                f"batch {self.batch_size}, {self.config.resolution}px, seed {self.config.seed}")
+
+    # ------------------------------------------------------------------------------------------ streams
+    def _logical_worker(self) -> int:
+        """Which logical worker this process plays: physical worker p plays (p + next_logical) % W, so
+        that paddle's round-robin from worker 0 continues the saved rotation."""
+        info = paddle.io.get_worker_info()
+        physical = 0 if info is None else info.id
+        if info is not None and info.num_workers != self.layout.workers_per_rank:
+            raise RuntimeError(f"DataLoader runs {info.num_workers} workers but the dataset was built for "
+                               f"num_workers={self.num_workers}")
+        return (physical + self.resume_plan.next_logical) % self.layout.workers_per_rank
+
+    def open_stream(self, logical_worker: int) -> WorkerStream:
+        cfg = self.config
+        scfg = StreamConfig(cfg.seed, cfg.shuffle_buffer_size, cfg.caption_dropout_prob,
+                            cfg.max_consecutive_failures, f"rank {self.layout.rank}")
+        return WorkerStream(self.sources, self.layout, logical_worker, self.transform, scfg,
+                            self.resume_plan.workers[logical_worker])
+
+    def iter_samples(self, logical_worker: Optional[int] = None) -> Iterator[Sample]:
+        """Single samples with their metadata (caption, source, part, line): used by __iter__ and by
+        data_tools/inspect_data.py."""
+        stream = self.open_stream(self._logical_worker() if logical_worker is None else logical_worker)
+        while True:
+            yield stream.next_sample()
+
+    def tokenize(self, captions: List[str]) -> np.ndarray:
+        L = self.config.model_max_length
+        ids = self.tokenizer(captions, padding="max_length", truncation=True, max_length=L,
+                             return_attention_mask=False)["input_ids"]
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.shape != (len(captions), L):
+            raise ValueError(f"tokenizer returned input_ids of shape {arr.shape}, expected {(len(captions), L)}")
+        return arr
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        logical = self._logical_worker()
+        stream = self.open_stream(logical)
+        saved = self.resume_plan.workers[logical]
+        batches = int(saved.get("batches", 0)) if saved else 0
+        g = self.layout.global_id(logical)
+        r = self.config.resolution
+        while True:
+            # A fresh array per batch (the consumer keeps the previous one); samples decode straight into it.
+            pixels = np.empty((self.batch_size, 3, r, r), dtype=np.float32)
+            samples = [stream.next_sample(pixels[i]) for i in range(self.batch_size)]
+            batches += 1
+            batch: Dict[str, Any] = {"pixel_values": pixels}
+            if self.tokenizer is not None:
+                batch["input_ids"] = self.tokenize([s.caption for s in samples])
+            batch["loader_state"] = batch_state(logical, g, stream.state(), batches)
+            yield batch
+
+
+def build_dataloader(dataset: TextImageDataset) -> paddle.io.DataLoader:
+    """The dataset batches itself, so batch_size=None; paddle then converts the numpy arrays to tensors and
+    passes the loader_state str through unchanged (checked in tests/test_loader_resume.py)."""
+    return paddle.io.DataLoader(dataset, batch_size=None, num_workers=dataset.num_workers,
+                                use_shared_memory=dataset.num_workers > 0)
+
+
+def load_json(path: str) -> dict:
+    """Read a saved loader state file (e.g. checkpoint/loader_state_rank0.json)."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
