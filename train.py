@@ -18,23 +18,14 @@ from sd.device import resolve_model_features
 from sd.model import LatentDiffusionModel
 from trainer.callbacks import BenchmarkCallback, EMACallback, ImageLoggingCallback, ProfilerCallback
 from trainer.entry import build_dataset, resolve_checkpoint, setup_logging
+from trainer.preflight import rank_preflight
 from trainer.streaming_trainer import StreamingTrainer
 
 logger = logging.getLogger("sd")
 
 
-def main(argv=None):
-    parser = PdArgumentParser((ModelArguments, DataArguments, SDTrainingArguments))
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    setup_logging(training_args.notices + resolve_model_features(model_args))
-    if not training_args.do_train:
-        raise SystemExit("nothing to do: pass --do_train (as the reference's command does)")
-    checkpoint = resolve_checkpoint(training_args)
-    set_seed(training_args.seed)
-
+def build_trainer(model_args, data_args, training_args) -> StreamingTrainer:
+    """Model, tokenizer, data stream, Trainer and callbacks, as the job runs them (bench/ reuses this)."""
     model = LatentDiffusionModel.from_args(model_args)
     if training_args.recompute:
         model.enable_recompute()
@@ -57,9 +48,28 @@ def main(argv=None):
         trainer.add_callback(BenchmarkCallback())
     if training_args.profiler_options:
         trainer.add_callback(ProfilerCallback(training_args.profiler_options))
+    return trainer
 
+
+def parse(argv=None):
+    parser = PdArgumentParser((ModelArguments, DataArguments, SDTrainingArguments))
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv=None):
+    model_args, data_args, training_args = parse(argv)
+    setup_logging(training_args.notices + resolve_model_features(model_args))
+    if not training_args.do_train:
+        raise SystemExit("nothing to do: pass --do_train (as the reference's command does)")
+    checkpoint = resolve_checkpoint(training_args)
+    guard = rank_preflight(training_args, data_args, checkpoint)  # shared output_dir, same data, rank watchdog
+    set_seed(training_args.seed)
+    trainer = build_trainer(model_args, data_args, training_args)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()  # final unet/ (and unet_ema/, text_encoder/) in output_dir
+    guard.finish()
     logger.info("done: %d steps; weights in %s", trainer.state.global_step, training_args.output_dir)
 
 

@@ -3,11 +3,16 @@
 #   sh train.sh                              the embedded default (demo data, tiny init, CPU, a few minutes)
 #   sh train.sh [LAUNCH FLAGS] [TRAIN FLAGS] your own run; TRAIN FLAGS are train.py's (see README)
 #
-# LAUNCH FLAGS (any of them runs through `python -m paddle.distributed.launch`):
-#   --gpus 0,1,2,3         one process per listed GPU (as the reference)
-#   --nproc_per_node N     N processes (on CPU: gloo; for tests and debugging)
+# LAUNCH FLAGS, first on the line (any of them runs through `python -m paddle.distributed.launch`):
+#   --gpus 0,1,2,3         one process per listed GPU (as the reference; NCCL)
+#   --nproc_per_node N     N processes (on a CPU: gloo, for tests and debugging; on GPUs: the first N)
 #   --ips IP1,IP2          several nodes, as the reference (run the same command on every node)
-#   --master IP:PORT --nnodes N [--rank R]   several nodes through a master address
+#   --master IP:PORT --nnodes N [--rank R]   several nodes through a master address (same command everywhere)
+#   --host IP              this node's address when the hostname does not resolve to the one in --ips
+#   --log_dir DIR --job_id NAME --start_port P --devices ...   passed to the launcher as they are
+# scripts/preflight.py checks devices, nodes, data shards, /dev/shm and output_dir first; inside the job every
+# rank checks that output_dir is shared and watches the others (a dead rank ends the job within SD_RANK_TIMEOUT
+# seconds, default 30). Worker logs: log/workerlog.N (or --log_dir).
 #
 # Environment aliases (the reference's train.sh), each turned into its train.py flag *before* your flags, so an
 # explicit flag on the command line wins:
@@ -43,9 +48,12 @@ $(alias_flag FLAG_FUSED_LINEAR --use_fused_linear)"
 LAUNCH=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --gpus|--nproc_per_node|--ips|--master|--nnodes|--rank|--log_dir|--job_id)
+    --gpus|--devices|--nproc_per_node|--ips|--master|--nnodes|--rank|--host|--log_dir|--job_id|--start_port)
       [ $# -ge 2 ] || { echo "train.sh: $1 needs a value" >&2; exit 2; }
       LAUNCH="$LAUNCH $1 $2"; shift 2 ;;
+    --gpus=*|--devices=*|--nproc_per_node=*|--ips=*|--master=*|--nnodes=*|--rank=*|--host=*|--log_dir=*|\
+    --job_id=*|--start_port=*)
+      LAUNCH="$LAUNCH $1"; shift ;;
     *) break ;;
   esac
 done
@@ -61,7 +69,8 @@ run() {
   if [ "${DRY_RUN:-0}" = 1 ]; then echo "$@"; else exec "$@"; fi
 }
 if [ -n "$LAUNCH" ]; then
-  [ "${DRY_RUN:-0}" = 1 ] || "$PY" scripts/preflight.py $LAUNCH -- "$@"
+  # shellcheck disable=SC2086
+  [ "${DRY_RUN:-0}" = 1 ] || "$PY" scripts/preflight.py $LAUNCH -- $ENV_FLAGS "$@"
   # shellcheck disable=SC2086
   run "$PY" -u -m paddle.distributed.launch $LAUNCH train.py $ENV_FLAGS "$@"
 else

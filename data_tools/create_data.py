@@ -37,14 +37,12 @@ from dataclasses import asdict, dataclass, field
 from glob import glob
 from typing import Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
-from isal import igzip
-
 from data_tools.create_outputs import (DATA_FORMAT, JOURNAL_VERSION, BlockEntry, CreateDataError, Journal,
                                        RunPaths, prepare_output, run_name, write_dataset_files,
                                        write_rejects_from_journal)
 from data_tools.image_check import (DEFAULT_MAX_IMAGE_PIXELS, Outcome, RecordConfig, apply_pixel_limit,
                                     init_worker, process_batch, worker_batch)
-from data_tools.part_format import FORMAT_VERSION, open_part_writer, part_name, sha256_file
+from data_tools.part_format import FORMAT_VERSION, PartWriter, open_part_writer, part_name, sha256_file
 
 BATCH = 8  # records per pool task: amortises IPC; with 200 KB JPEGs a batch is ~2 MB of base64 in flight
 CREATED_BY = "create_pretraining_data.py"
@@ -135,28 +133,6 @@ def iter_input(sources: List[str]) -> Iterator[Tuple[int, int, bytes]]:
                     yield si, n, raw
 
 
-class PartFile:
-    """A part being written under its .tmp name. Gzip goes through ISA-L like part_format.open_part_writer,
-    but with mtime=0 and no file name in the gzip header, so equal content gives equal bytes in every run (a
-    resumed run, another worker count, a shard). TODO(lead): move this into part_format.open_part_writer."""
-
-    def __init__(self, path: str, gzipped: bool, level: int):
-        self._raw = open_part_writer(path, False) if not gzipped else open(path, "wb")
-        self._out = self._raw if not gzipped else igzip.IGzipFile(
-            filename="", mode="wb", fileobj=self._raw, compresslevel=min(3, max(0, level // 3)), mtime=0)
-
-    def write(self, data: bytes) -> None:
-        self._out.write(data)
-
-    def close(self) -> None:
-        """Flush and fsync, so a rename that follows never exposes a part whose bytes are not on disk."""
-        if self._out is not self._raw:
-            self._out.close()
-        self._raw.flush()
-        os.fsync(self._raw.fileno())
-        self._raw.close()
-
-
 class BlockSink:
     """Consumes outcomes in input order; turns each finished block into a part plus a journal line."""
 
@@ -165,7 +141,7 @@ class BlockSink:
         self.entries: List[BlockEntry] = []
         self.block: Optional[int] = None
         self.processed = 0
-        self._part: Optional[PartFile] = None
+        self._part: Optional[PartWriter] = None
         self._records = self._count = 0
         self._rejects: List[dict] = []
 
@@ -177,7 +153,7 @@ class BlockSink:
         self.processed += 1
         if isinstance(outcome, bytes):
             if self._part is None:  # opened lazily: a block whose records were all rejected leaves no file
-                self._part = PartFile(self._tmp(), self.cfg.save_gzip_file, self.cfg.gzip_level)
+                self._part = open_part_writer(self._tmp(), self.cfg.save_gzip_file, self.cfg.gzip_level)
             self._part.write(outcome)
             self._records += 1
         else:

@@ -16,28 +16,24 @@ from __future__ import annotations
 import heapq
 import json
 import os
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Callable, Dict, Iterator, List, Optional, Tuple
 
-from data_tools.part_format import (DATA_DIR_NAME, FILELIST_DIR_NAME, manifest_path, read_manifest,
+from data_tools.part_format import (DATA_DIR_NAME, FILELIST_DIR_NAME, manifest_path, part_index, read_manifest,
                                     sha256_file, write_text_atomic)
 
 JOURNAL_VERSION = 1
 DATA_FORMAT = "laion400m"
 # part_format.part_name() writes part-%06d[.gz]; ".tmp" is the name a part has while it is being written.
-_PART_FILE_RE = re.compile(r"^part-(\d{6,})(\.gz)?(\.tmp)?$")
-
-
 class CreateDataError(Exception):
     """A fatal problem with the run as a whole (input, output folder, arguments); the CLI exits non-zero."""
 
 
 def block_of_part_file(filename: str) -> Optional[int]:
     """0-based block index of a part (or part tmp) file name; None for any other file."""
-    m = _PART_FILE_RE.match(filename)
-    return int(m.group(1)) - 1 if m else None
+    index = part_index(filename)
+    return None if index is None else index - 1
 
 
 def run_name(name: str, num_shards: int, shard_id: int) -> str:

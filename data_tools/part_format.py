@@ -17,6 +17,7 @@ import binascii
 import gzip
 import json
 import os
+import re
 import unicodedata
 from dataclasses import dataclass
 from typing import IO, Iterator, List, Optional, Tuple
@@ -113,13 +114,49 @@ def is_gzip(path: str) -> bool:
         return f.read(2) == GZIP_MAGIC
 
 
-def open_part_writer(path: str, gzipped: bool, level: int = 6) -> IO[bytes]:
-    """A binary writer for a part; gzip through ISA-L when available (level 0-3 there, mapped from zlib's)."""
-    if not gzipped:
-        return open(path, "wb")
-    if _gzip_impl is gzip:
-        return gzip.open(path, "wb", compresslevel=level)
-    return _gzip_impl.open(path, "wb", compresslevel=min(3, max(0, level // 3)))
+class PartWriter:
+    """Binary writer of one part. Gzip goes through ISA-L when available (its levels are 0-3: zlib's level // 3)
+    with mtime 0 and no file name in the header, so equal content gives equal bytes in every run (a resumed run,
+    another worker count, a shard). close() flushes and fsyncs, so a rename that follows never exposes a part
+    whose bytes are not on disk."""
+
+    def __init__(self, path: str, gzipped: bool, level: int = 6):
+        self._raw = open(path, "wb")
+        self._out: IO[bytes] = self._raw
+        if gzipped and _gzip_impl is gzip:
+            self._out = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, compresslevel=level, mtime=0)
+        elif gzipped:
+            self._out = _gzip_impl.IGzipFile(filename="", mode="wb", fileobj=self._raw,
+                                             compresslevel=min(3, max(0, level // 3)), mtime=0)
+
+    def write(self, data: bytes) -> int:
+        return self._out.write(data)
+
+    def close(self) -> None:
+        if self._out is not self._raw:
+            self._out.close()
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        self._raw.close()
+
+    def __enter__(self) -> "PartWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_part_writer(path: str, gzipped: bool, level: int = 6) -> PartWriter:
+    return PartWriter(path, gzipped, level)
+
+
+_PART_FILE_RE = re.compile(r"^part-(\d{6,})(\.gz)?(\.tmp)?$")
+
+
+def part_index(filename: str) -> Optional[int]:
+    """The 1-based index of a part (or part .tmp) file name written by part_name(); None for any other file."""
+    m = _PART_FILE_RE.match(filename)
+    return int(m.group(1)) if m else None
 
 
 def open_part_reader(path: str) -> IO[bytes]:

@@ -57,6 +57,7 @@ class ModelArguments:
     vae_path: str = field(default="", init=False)
     text_encoder_path: str = field(default="", init=False)
     tokenizer_path: str = field(default="", init=False)
+    scheduler_path: Optional[str] = field(default=None, init=False)
     unet_path: str = field(default="", init=False)
     unet_from_config: bool = field(default=False, init=False)
 
@@ -92,6 +93,7 @@ class ModelArguments:
         self.vae_path = pick("vae_name_or_path", self.vae_name_or_path, "vae")
         self.text_encoder_path = pick("text_encoder_name_or_path", self.text_encoder_name_or_path, "text_encoder")
         self.tokenizer_path = pick("tokenizer_name", self.tokenizer_name, "tokenizer")
+        self.scheduler_path = _dir_or_none(root, "scheduler")
         unet = self.unet_name_or_path
         if unet is None and root is not None:
             # An init folder carries unet_config.json; a pipeline folder carries unet/. Both present is ambiguous.

@@ -56,6 +56,7 @@ class ModelSource:
     text_encoder_path: Optional[str] = None  # a trained text encoder; default model_dir/text_encoder
     unet_dir: str = field(default="", init=False)
     text_encoder_dir: str = field(default="", init=False)
+    scheduler_dir: str = field(default="", init=False)
 
     def __post_init__(self) -> None:
         if not os.path.isdir(self.model_dir):
@@ -79,6 +80,10 @@ class ModelSource:
             self._need_dir(self.unet_dir, f"--use_ema: no unet_ema/ next to {base} (was the run trained with "
                                           f"--use_ema?): expected {self.unet_dir}")
         self.text_encoder_dir = self._resolve_text_encoder(base)
+        # A checkpoint carries the schedule it was trained with (e.g. v_prediction) next to unet/; it wins over
+        # the model_dir's, so sampling always matches training.
+        trained = os.path.join(os.path.dirname(base), "scheduler")
+        self.scheduler_dir = trained if os.path.isdir(trained) else os.path.join(self.model_dir, "scheduler")
 
     def _resolve_text_encoder(self, unet_base: str) -> str:
         if self.text_encoder_path is not None:
@@ -208,13 +213,13 @@ def load_pipeline(source: ModelSource, scheduler: str):
     if unet.config.in_channels != vae.config.latent_channels:
         raise ValueError(f"UNet {source.unet_dir} takes {unet.config.in_channels} channels but the VAE of "
                          f"{source.model_dir} has {vae.config.latent_channels} latent channels")
-    train_config = DDPMScheduler.load_config(os.path.join(source.model_dir, "scheduler"))
+    train_config = DDPMScheduler.load_config(source.scheduler_dir)
     for module in (vae, text_encoder, unet):
         module.eval()
     pipe = sampling.make_pipeline(vae, text_encoder, tokenizer, unet,
                                   sampling.make_scheduler(scheduler, train_config))
-    logger.info("model: %s, unet %s, text encoder %s, scheduler %s", source.model_dir, source.unet_dir,
-                source.text_encoder_dir, scheduler)
+    logger.info("model: %s, unet %s, text encoder %s, scheduler %s (%s, %s)", source.model_dir, source.unet_dir,
+                source.text_encoder_dir, scheduler, source.scheduler_dir, train_config.get("prediction_type"))
     return pipe
 
 

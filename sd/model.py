@@ -82,8 +82,13 @@ class LatentDiffusionModel(nn.Layer):
         vae = AutoencoderKL.from_pretrained(model_args.vae_path)
         text_encoder = CLIPTextModel.from_pretrained(model_args.text_encoder_path)
         unet = load_unet(model_args)
-        scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                  num_train_timesteps=1000, prediction_type=model_args.prediction_type)
+        if model_args.scheduler_path:  # the folder's own schedule (clip_sample, steps_offset, ...) is kept
+            scheduler = DDPMScheduler.from_pretrained(model_args.scheduler_path,
+                                                      prediction_type=model_args.prediction_type)
+        else:  # SD v1's schedule
+            scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                      num_train_timesteps=1000, steps_offset=1, clip_sample=False,
+                                      set_alpha_to_one=False, prediction_type=model_args.prediction_type)
         return cls(model_args, vae, text_encoder, unet, scheduler)
 
     def train(self):
@@ -108,6 +113,8 @@ class LatentDiffusionModel(nn.Layer):
         """unet/ (+ text_encoder/ when trained), or a whole pipeline folder; unet_ema/ with --use_ema."""
         if only_updated:
             self.unet.save_pretrained(os.path.join(output_dir, "unet"))
+            # The training schedule (prediction type included) travels with the UNet: eval.py samples with it.
+            self.noise_scheduler.save_pretrained(os.path.join(output_dir, "scheduler"))
             if self.train_text_encoder:
                 self.text_encoder.save_pretrained(os.path.join(output_dir, "text_encoder"), safe_serialization=True)
         else:  # loadable by StableDiffusionPipeline.from_pretrained(output_dir)

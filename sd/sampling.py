@@ -1,7 +1,8 @@
 """Sampling with ppdiffusers' StableDiffusionPipeline, shared by the training-time image logging and eval.py.
 
-Scheduler names follow eval.py's --scheduler flag. Every draw uses an explicit paddle.Generator, so samples are
-reproducible and never consume the training RNG.
+Scheduler names follow eval.py's --scheduler flag. Every draw uses a seeded paddle.Generator, so samples are
+reproducible. On CPU, ppdiffusers' paddle.Generator().manual_seed() reseeds paddle's *global* generator: callers
+inside training save and restore the RNG state around sampling (trainer/callbacks.py does).
 """
 from __future__ import annotations
 

@@ -55,9 +55,9 @@ def test_resume_is_exact_and_checkpoints_are_complete(tmp_path, demo_file_list):
 
     # save_total_limit 1 keeps only the last checkpoint; each holds what resume and from_pretrained need.
     assert sorted(os.listdir(straight)) == sorted(
-        ["checkpoint-10", "runs", "samples", "training_args.bin", "unet", "unet_ema"])
+        ["checkpoint-10", "runs", "samples", "scheduler", "training_args.bin", "unet", "unet_ema"])
     ckpt = straight / "checkpoint-10"
-    for name in ("unet/config.json", "unet_ema/config.json", "ema_state.pdparams", "loader_state_rank0.json",
+    for name in ("unet/config.json", "unet_ema/config.json", "scheduler/scheduler_config.json", "ema_state.pdparams", "loader_state_rank0.json",
                  "optimizer.pdopt", "scheduler.pdparams", "rng_state.pth", "trainer_state.json", ".complete"):
         assert (ckpt / name).exists(), name
     state = json.loads((ckpt / "loader_state_rank0.json").read_text())

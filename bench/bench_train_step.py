@@ -1,0 +1,119 @@
+"""Seconds per step of the recipe (train.py's Trainer, streaming loader and callbacks) against a bare loop over
+the same tiny model, batch and pre-loaded data, in the same run. Target: overhead at most 5% once warm.
+
+    .venv/bin/python bench/bench_train_step.py [--steps 60] [--warmup 10] [--batch_size 16] [--workers 0]
+
+Both sides build the model from sd/tiny_init with the same seed and run the same forward (LatentDiffusionModel
+with per-sample keyed draws) and AdamW. The bare loop feeds batches collected from the loader beforehand; the
+recipe reads them through the loader during the run (with --workers 0 its decoding is on the training thread, so
+the difference is the whole cost of the recipe on this machine).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+
+class StepTimer:
+    """A TrainerCallback recording the wall time of every optimizer step."""
+
+    def __init__(self):
+        self.times, self._last = [], None
+
+    def __getattr__(self, name):  # every other TrainerCallback event: nothing to do
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        if self._last is not None:
+            self.times.append(now - self._last)
+        self._last = now
+
+
+def recipe_times(file_list, out_dir, opts):
+    import train as train_entry
+    from paddlenlp.trainer import set_seed
+
+    argv = ["--do_train", "--pretrained_model_name_or_path", os.path.join(ROOT, "sd", "tiny_init"),
+            "--file_list", file_list, "--output_dir", out_dir, "--resolution", "32", "--center_crop", "True",
+            "--per_device_train_batch_size", str(opts.batch_size), "--learning_rate", "1e-3",
+            "--max_steps", str(opts.steps), "--logging_steps", "10", "--image_logging_steps", "0",
+            "--save_steps", str(10 * opts.steps), "--dataloader_num_workers", str(opts.workers), "--seed", "23",
+            "--disable_tqdm", "True", "--report_to", "none"]
+    model_args, data_args, training_args = train_entry.parse(argv)
+    set_seed(training_args.seed)
+    trainer = train_entry.build_trainer(model_args, data_args, training_args)
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    trainer.train()
+    return timer.times, trainer
+
+
+def bare_times(trainer, opts):
+    """The same model, optimizer and per-sample draws in a plain loop over batches collected beforehand."""
+    import paddle
+    from itertools import islice
+
+    from paddlenlp.trainer import set_seed
+    from sd.args import ModelArguments
+    from sd.model import LatentDiffusionModel
+
+    set_seed(23)
+    model = LatentDiffusionModel.from_args(ModelArguments(pretrained_model_name_or_path=os.path.join(
+        ROOT, "sd", "tiny_init")))
+    model.train()
+    batches = [{k: paddle.to_tensor(v) for k, v in b.items() if k != "loader_state"}
+               for b in islice(iter(trainer.train_dataset), opts.steps)]
+    opt = paddle.optimizer.AdamW(learning_rate=1e-3, parameters=model.param_groups(1e-3)[0]["params"],
+                                 weight_decay=0.0)
+    times, last = [], None
+    for step, batch in enumerate(batches):
+        keys = [(23, step, i) for i in range(opts.batch_size)]
+        loss = model(**batch, sample_keys=keys)
+        loss.backward()
+        opt.step()
+        opt.clear_grad()
+        float(loss)  # the Trainer syncs on the loss for logging too
+        now = time.perf_counter()
+        if last is not None:
+            times.append(now - last)
+        last = now
+    return times
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=0)
+    opts = p.parse_args()
+    print("command: .venv/bin/python bench/bench_train_step.py " + " ".join(sys.argv[1:]), flush=True)
+    from conftest import make_parts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        file_list = make_parts(os.path.join(tmp, "data"), 256, image_size=64, per_part=64)
+        recipe, trainer = recipe_times(file_list, os.path.join(tmp, "run"), opts)
+        bare = bare_times(trainer, opts)
+    r = statistics.median(recipe[opts.warmup:])
+    b = statistics.median(bare[opts.warmup:])
+    print(f"\n{'':28}{'median s/step':>14}{'mean s/step':>13}")
+    print(f"{'recipe (Trainer+loader)':28}{r:>14.4f}{statistics.mean(recipe[opts.warmup:]):>13.4f}")
+    print(f"{'bare loop (pre-loaded)':28}{b:>14.4f}{statistics.mean(bare[opts.warmup:]):>13.4f}")
+    print(f"overhead of the recipe once warm: {100 * (r / b - 1):+.1f}% (target <= 5%), "
+          f"batch {opts.batch_size}, 32 px, {opts.steps} steps, first {opts.warmup} excluded, "
+          f"workers {opts.workers}")
+
+
+if __name__ == "__main__":
+    main()
