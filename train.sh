@@ -61,8 +61,8 @@ done
 if [ $# -eq 0 ]; then
   # The embedded default: a preset of flags (sd/configs/tiny_default.args), demo data made on first use.
   sh scripts/prepare_demo_data.sh
-  # shellcheck disable=SC2046
-  set -- $(grep -v '^#' sd/configs/tiny_default.args)
+  # One flag per line; quoted values keep their spaces.
+  eval "set -- $(grep -v '^#' sd/configs/tiny_default.args | tr '\n' ' ')"
 fi
 
 run() {

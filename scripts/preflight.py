@@ -23,14 +23,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from trainer.preflight import (Finding, free_shm_bytes, output_dir_finding, shard_findings,  # noqa: E402
-                               shm_bytes_needed, shm_finding)
+from data_tools.part_format import read_filelist_list  # noqa: E402
+from trainer.sharding import BY_LINE, sharding_mode  # noqa: E402
 
 # Set by paddle.distributed.launch inside a job. This script is not a rank: with them, parsing the training
 # arguments would call init_parallel_env and wait for peers that never come.
 DIST_ENV = ("PADDLE_TRAINER_ID", "PADDLE_TRAINERS_NUM", "PADDLE_TRAINER_ENDPOINTS", "PADDLE_CURRENT_ENDPOINT",
             "PADDLE_RANK_IN_NODE", "PADDLE_GLOBAL_RANK", "PADDLE_GLOBAL_SIZE", "PADDLE_LOCAL_RANK",
             "PADDLE_LOCAL_SIZE", "PADDLE_MASTER", "PADDLE_NNODES")
+SHM_PATH = "/dev/shm"
+PREFETCH_FACTOR = 2  # paddle.io.DataLoader's default: batches in flight per worker
+
+
+@dataclass
+class Finding:
+    level: str  # "ok" | "warning" | "error"
+    message: str
 
 
 @dataclass
@@ -58,9 +66,74 @@ def parse_launch(argv: List[str]) -> LaunchPlan:
     return LaunchPlan(split(a.gpus), a.nproc_per_node, split(a.ips), a.master, a.nnodes, a.rank, a.host)
 
 
-def device_findings(plan: LaunchPlan, cuda_count: int, visible: Optional[List[str]],
-                    cpu_count: int) -> Tuple[int, List[Finding]]:
-    """(processes on this node, findings). `visible`: CUDA_VISIBLE_DEVICES entries (the labels --gpus names)."""
+def shm_bytes_needed(local_procs: int, num_workers: int, batch_size: int, resolution: int,
+                     model_max_length: int = 77) -> int:
+    """Shared memory the DataLoaders of one node hold at once: per process, every worker's batches in flight
+    plus the one being consumed (float32 pixels + int64 token ids). 0 without workers: no shm is used."""
+    if num_workers <= 0:
+        return 0
+    batch = batch_size * (3 * resolution * resolution * 4 + model_max_length * 8)
+    return local_procs * (PREFETCH_FACTOR * num_workers + 1) * batch
+
+
+def shm_finding(free: Optional[int], needed: int, local_procs: int, num_workers: int) -> Finding:
+    if needed == 0:
+        return Finding("ok", "shm: no DataLoader workers (--dataloader_num_workers 0): no shared memory needed")
+    if free is None:
+        return Finding("warning", f"shm: there is no {SHM_PATH}: paddle DataLoader workers may fail")
+    what = (f"{SHM_PATH} has {free / 2**20:.0f} MiB free; {local_procs} process(es) x {num_workers} DataLoader "
+            f"workers need about {needed / 2**20:.1f} MiB")
+    fix = (f"Give it more (docker run --shm-size={max(1, -(-2 * needed // 2**30))}g; on Kubernetes an emptyDir "
+           "with medium: Memory mounted on /dev/shm) or lower --dataloader_num_workers.")
+    if free < needed:
+        return Finding("error", f"shm: {what}: the workers would die with a bus error mid-run. {fix}")
+    if free < 2 * needed:
+        return Finding("warning", f"shm: {what}, with little margin. {fix}")
+    return Finding("ok", f"shm: {what}")
+
+
+def free_shm_bytes() -> Optional[int]:
+    if not os.path.isdir(SHM_PATH):
+        return None
+    st = os.statvfs(SHM_PATH)
+    return st.f_bavail * st.f_frsize
+
+
+def output_dir_finding(output_dir: str) -> Finding:
+    """Create output_dir (training would) and write, then remove, a probe file in it."""
+    probe = os.path.join(output_dir, f".preflight-write-{os.getpid()}")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(probe, "w", encoding="utf-8") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        return Finding("error", f"output_dir {output_dir} is not writable: {e}")
+    return Finding("ok", f"output_dir {output_dir} is writable")
+
+
+def shard_findings(file_list: str, world_size: int, num_workers: int) -> List[Finding]:
+    """How each source is split over the global readers (world_size x max(1, num_workers))."""
+    G, out = world_size * max(1, num_workers), []
+    for src in read_filelist_list(file_list):
+        n = len(src.parts)
+        if n == 0:
+            out.append(Finding("warning", f"data: {src.filelist} lists no parts: it contributes nothing"))
+        elif sharding_mode(n, G) == BY_LINE:
+            out.append(Finding("warning", (
+                f"data: {src.filelist} has {n} parts for {G} global readers ({world_size} ranks x "
+                f"{max(1, num_workers)} workers): sharding by line (every reader opens every part and keeps 1 "
+                f"line in {G}: correct, but each reader decompresses {G}x more). For sharding by part give it "
+                f">= {G} parts (create_pretraining_data.py --per_part_file_num smaller).")))
+        else:
+            out.append(Finding("ok", f"data: {src.filelist}: {n} parts for {G} global readers: sharding by part"))
+    return out
+
+
+def device_findings(plan: LaunchPlan, cuda_count: int, visible: Optional[List[str]], cpu_count: int,
+                    omp_threads: Optional[str] = None) -> Tuple[int, List[Finding]]:
+    """(processes on this node, findings). `visible`: CUDA_VISIBLE_DEVICES entries (the labels --gpus names);
+    `omp_threads`: OMP_NUM_THREADS as the user set it (paddle makes it 1 when unset)."""
     out: List[Finding] = []
     labels = visible if visible is not None else [str(i) for i in range(cuda_count)]
     if plan.nproc_per_node is not None and plan.nproc_per_node < 1:
@@ -84,12 +157,12 @@ def device_findings(plan: LaunchPlan, cuda_count: int, visible: Optional[List[st
             out.append(Finding("error", f"--nproc_per_node {n} but only {cuda_count} GPUs are visible"))
         return n, out + [Finding("ok", f"devices: {n} GPU processes (NCCL)")]
     n = plan.nproc_per_node or 1
-    out.append(Finding("ok", f"devices: {n} CPU process(es); paddle's launcher makes them talk through gloo"))
-    if n > 1 and "OMP_NUM_THREADS" not in os.environ:
-        out.append(Finding("warning", f"each of the {n} CPU processes would use all {cpu_count} cores: export "
-                                      f"OMP_NUM_THREADS={max(1, cpu_count // n)}"))
-    if n > cpu_count:
-        out.append(Finding("warning", f"{n} processes on {cpu_count} CPU cores: they will crawl"))
+    threads = int(omp_threads) if omp_threads and omp_threads.isdigit() else 1
+    out.append(Finding("ok", f"devices: {n} CPU process(es) of {threads} OpenMP thread(s) on {cpu_count} cores "
+                             "(OMP_NUM_THREADS); paddle's launcher makes them talk through gloo"))
+    if n * threads > cpu_count:
+        out.append(Finding("warning", f"{n} processes x {threads} threads on {cpu_count} cores: oversubscribed, "
+                                      f"they will crawl (OMP_NUM_THREADS={max(1, cpu_count // n)} fits)"))
     return n, out
 
 
@@ -147,18 +220,19 @@ def node_ip(plan: LaunchPlan) -> str:
         return plan.host
     try:
         return socket.gethostbyname(socket.getfqdn(socket.gethostname()))
-    except OSError:
+    except OSError:  # paddle's own choice then (Node.get_host_ip): the check below must predict paddle
         return "127.0.0.1"
 
 
 def run(launch_argv: List[str], train_argv: List[str]) -> List[Finding]:
+    omp_threads = os.environ.get("OMP_NUM_THREADS")  # before paddle's import sets it to 1 when unset
     import paddle
 
     plan = parse_launch(launch_argv)
     cuda = paddle.device.cuda.device_count() if paddle.is_compiled_with_cuda() else 0
     env_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     visible = env_visible.split(",") if env_visible and env_visible != "all" and cuda else None
-    local_procs, findings = device_findings(plan, cuda, visible, os.cpu_count() or 1)
+    local_procs, findings = device_findings(plan, cuda, visible, os.cpu_count() or 1, omp_threads)
     nnodes, more = node_findings(plan, node_ip(plan))
     findings += more
     try:
@@ -169,7 +243,10 @@ def run(launch_argv: List[str], train_argv: List[str]) -> List[Finding]:
     workers = args.dataloader_num_workers
     findings.append(Finding("ok", f"world: {world} ranks ({nnodes} node(s) x {local_procs}), global batch "
                                   f"{world * args.per_device_train_batch_size * args.gradient_accumulation_steps}"))
-    findings += shard_findings(data_args.file_list, world, workers)
+    try:
+        findings += shard_findings(data_args.file_list, world, workers)
+    except (OSError, ValueError) as e:  # a filelist or part that is missing or malformed: named by the reader
+        findings.append(Finding("error", f"data: {e}"))
     needed = shm_bytes_needed(local_procs, workers, args.per_device_train_batch_size, data_args.resolution,
                               model_args.model_max_length)
     findings.append(shm_finding(free_shm_bytes(), needed, local_procs, workers))

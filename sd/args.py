@@ -144,7 +144,8 @@ class SDTrainingArguments(TrainingArguments):
     benchmark: bool = field(default=False, metadata={"help": "Print ips, reader cost and peak memory."})
     profiler_options: Optional[str] = field(default=None, metadata={"help": "paddle profiler options string."})
     sample_prompts: List[str] = field(
-        default_factory=lambda: ["a red circle at the top left", "a blue square in the center"],
+        default_factory=lambda: ["a photo of an astronaut riding a horse on mars",
+                                 "a little girl dances in the cherry blossom rain"],
         metadata={"help": "Fixed prompts of the logged samples."})
     # The reference's defaults: a constant schedule, no clipping unless asked.
     lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning rate schedule."})

@@ -1,8 +1,8 @@
 """Multi-process and multi-node training through paddle.distributed.launch, on CPU (gloo), with real processes.
 
-Every job here is a real launch: `python -m paddle.distributed.launch` (or train.sh) starting real train.py ranks
-that talk through gloo on 127.0.0.1. "Two nodes" are two launchers sharing one --master on loopback. Tiny data,
-a few steps, one thread per process. Every process started is killed at teardown (launcher, ranks, workers).
+Every job here is a real launch (`python -m paddle.distributed.launch`, or train.sh) of real train.py ranks that
+talk through gloo on 127.0.0.1; "two nodes" are two launchers sharing one --master on loopback. Tiny data, a few
+steps, one thread per process. Whatever a test started is killed at teardown (launchers, ranks, workers).
 """
 from __future__ import annotations
 
@@ -10,119 +10,117 @@ import glob
 import json
 import os
 import random
+import runpy
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
-from typing import Dict, List
+from types import SimpleNamespace
+from typing import Dict, List, Tuple
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
 from conftest import PY, ROOT, TINY_INIT
+from data_tools.make_demo_data import generate_demo_dataset
+from trainer.preflight import RankReport, judge_reports
 
 pytestmark = pytest.mark.smoke
 
 B = 2  # per-rank batch; the 1-process reference uses 2 * B
+TRAIN_PY = os.path.join(ROOT, "train.py")
 
 
-# ------------------------------------------------------------------------------------------------ helpers
+# ------------------------------------------------------------------------------------------------ processes
 def free_port() -> int:
-    for _ in range(50):
+    with socket.socket() as s:  # a random high port nobody listens on
         port = random.randint(40000, 60000)
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) != 0:
-                return port
-    raise RuntimeError("no free port found in 40000-60000")
+        return free_port() if s.connect_ex(("127.0.0.1", port)) == 0 else port
+
+
+def proc_file(pid: int, name: str) -> str:
+    """/proc/PID/NAME, or "" once the process (or thread) is gone."""
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            return f.read().decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def start_time(pid: int) -> str:
+    """When a live process started (ticks since boot): with the pid it names one process even after the pid is
+    reused; "" once it is gone or a zombie."""
+    fields = proc_file(pid, "stat").rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 and fields[0] != "Z" else ""
+
+
+def running(procs: Dict[int, str]) -> List[int]:
+    return [pid for pid, start in procs.items() if start and start_time(pid) == start]
 
 
 def children(pid: int) -> List[int]:
-    out = []
-    for tid in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(x) for x in f.read().split()]
-        except FileNotFoundError:  # the thread ended while we looked
-            continue
-    return out
+    tasks = os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []
+    return [int(x) for tid in tasks for x in proc_file(pid, f"task/{tid}/children").split()]
 
 
-def descendants(pid: int) -> List[int]:
-    found, todo = [], [pid]
+def descendants(pid: int) -> Dict[int, str]:
+    found, todo = {}, children(pid)
     while todo:
-        kids = children(todo.pop())
-        found += kids
-        todo += kids
+        p = todo.pop()
+        found[p] = start_time(p)
+        todo += children(p)
     return found
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def rank_pid(launcher: int, rank: int, wait: float = 60) -> int:
+def rank_pid(launcher: int, rank: int) -> int:
     """The trainer process of global `rank` among a launcher's children (its environment says which)."""
-    deadline = time.time() + wait
-    while time.time() < deadline:
-        for pid in children(launcher):
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-            except FileNotFoundError:
-                continue
-            if env.get(b"PADDLE_TRAINER_ID") == str(rank).encode():
-                return pid
-        time.sleep(0.2)
+    for pid in children(launcher):
+        if f"\0PADDLE_TRAINER_ID={rank}\0" in "\0" + proc_file(pid, "environ"):
+            return pid
     raise AssertionError(f"no rank {rank} under launcher {launcher}")
 
 
 class Jobs:
-    """Starts launch commands in their own sessions and kills whatever is left of them at teardown."""
+    """Starts commands in sessions of their own; kills whatever is left of them at teardown."""
 
     def __init__(self):
         self.procs: List[subprocess.Popen] = []
-        self.seen: set = set()
+        self.seen: Dict[int, str] = {}
 
     def start(self, cmd: List[str], log: str, cwd: str = ROOT, **env) -> subprocess.Popen:
-        full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
         with open(log, "wb") as out:
-            p = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-        self.procs.append(p)
-        return p
+            self.procs.append(subprocess.Popen(cmd, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+                                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        return self.procs[-1]
 
-    def wait(self, p: subprocess.Popen, timeout: float, log: str) -> int:
+    def wait(self, p: subprocess.Popen, timeout: float, log, ok: bool = False) -> int:
         try:
-            return p.wait(timeout)
+            code = p.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"job did not end within {timeout} s; its output:\n{tail(log)}") from None
+            raise AssertionError(f"no end within {timeout} s; output:\n{read(log)[-6000:]}") from None
+        assert code == 0 or not ok, read(log)[-6000:]
+        return code
 
-    def remember(self) -> None:
+    def remember(self) -> Dict[int, str]:
         for p in self.procs:
             self.seen.update(descendants(p.pid))
+        return dict(self.seen)
 
     def cleanup(self) -> None:
         self.remember()
         for p in self.procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)  # the launcher stops its ranks on SIGTERM
-        deadline = time.time() + 10
+                os.killpg(p.pid, signal.SIGTERM)  # a launcher stops its ranks on SIGTERM
         for p in self.procs:
             try:
-                p.wait(max(0.1, deadline - time.time()))
+                p.wait(10)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-        for pid in self.seen:  # ranks run in sessions of their own: not in the launcher's group
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        for pid in running(self.seen):  # ranks run in sessions of their own, outside the launcher's group
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -132,12 +130,7 @@ def jobs():
     j.cleanup()
 
 
-def tail(path: str, n: int = 6000) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read()[-n:]
-
-
-def read(path: str) -> str:
+def read(path) -> str:
     with open(path, encoding="utf-8", errors="replace") as f:
         return f.read()
 
@@ -146,37 +139,36 @@ def launch_cmd(*launch_flags: str) -> List[str]:
     return [PY, "-u", "-m", "paddle.distributed.launch", *launch_flags]
 
 
-TRAIN_PY = os.path.join(ROOT, "train.py")
-
-
 def train_flags(file_list: str, out: str, *extra: str) -> List[str]:
-    return ["--do_train", "--pretrained_model_name_or_path", TINY_INIT,
-            "--file_list", file_list, "--output_dir", out, "--resolution", "32", "--center_crop", "True",
-            "--caption_dropout_prob", "0", "--learning_rate", "1e-3", "--logging_steps", "1",
-            "--image_logging_steps", "0", "--seed", "23", "--disable_tqdm", "True", "--report_to", "none", *extra]
+    return ["--do_train", "--pretrained_model_name_or_path", TINY_INIT, "--file_list", file_list, "--output_dir",
+            out, "--resolution", "32", "--center_crop", "True", "--caption_dropout_prob", "0", "--learning_rate",
+            "1e-3", "--logging_steps", "1", "--image_logging_steps", "0", "--seed", "23", "--disable_tqdm", "True",
+            "--report_to", "none", "--per_device_train_batch_size", str(B), *extra]
 
 
-def unet(folder: str) -> Dict[str, np.ndarray]:
-    return load_file(os.path.join(folder, "unet", "diffusion_paddle_model.safetensors"))
+def unet_diff(run_a: str, run_b: str) -> float:
+    """Largest difference between the saved UNet weights of two runs (or checkpoints)."""
+    a, b = (load_file(os.path.join(run, "unet", "diffusion_paddle_model.safetensors")) for run in (run_a, run_b))
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a) if a.keys() == b.keys() else float("inf")
 
 
-def max_diff(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray]) -> float:
-    assert a.keys() == b.keys()
-    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+def two_nodes(jobs: Jobs, tmp_path, flags: List[str], sh: bool = False, cwds=(ROOT, ROOT), **env):
+    """Two launchers (or train.sh), one --master on loopback, 1 process each: tmp_path/log{N}/, tmp_path/node{N}.out."""
+    port = free_port()
+    entry = ["sh", os.path.join(ROOT, "train.sh")] if sh else launch_cmd()
+    return [jobs.start(entry + ["--master", f"127.0.0.1:{port}", "--nnodes", "2", "--rank", str(node),
+                                "--nproc_per_node", "1", "--log_dir", str(tmp_path / f"log{node}")]
+                       + ([] if sh else [TRAIN_PY]) + flags, str(tmp_path / f"node{node}.out"), cwd=cwds[node], **env)
+            for node in (0, 1)]
 
 
-# ------------------------------------------------------------------------------------------------ data
 @pytest.fixture(scope="module")
 def same_image_data(tmp_path_factory) -> str:
-    """64 copies of one demo image and caption in 4 gzip parts of 16 (real tools: make_demo_data and
-    create_pretraining_data.py). With every record the same, the data two ranks read equals the data one
-    process reads, so runs in different layouts differ only in how gradients are combined."""
-    from data_tools.make_demo_data import generate_demo_dataset
-
+    """64 copies of one demo image and caption in 4 gzip parts of 16, by the real tools. With every record the
+    same, what two ranks read equals what one process reads: layouts can differ only in how gradients combine."""
     root = str(tmp_path_factory.mktemp("same_image"))
-    jsonl = generate_demo_dataset(os.path.join(root, "raw"), 1, image_size=32, seed=0)
-    line = read(jsonl).strip()
     copies = os.path.join(root, "raw", "copies.jsonl")
+    line = read(generate_demo_dataset(os.path.join(root, "raw"), 1, image_size=32, seed=0)).strip()
     with open(copies, "w", encoding="utf-8") as f:
         f.write((line + "\n") * 64)
     subprocess.run([PY, os.path.join(ROOT, "create_pretraining_data.py"), "--input_path", copies, "--output_path",
@@ -185,83 +177,69 @@ def same_image_data(tmp_path_factory) -> str:
     return os.path.join(root, "filelist", "same.filelist.list")
 
 
+RUN_FLAGS = ("--max_steps", "4", "--save_steps", "2", "--dataloader_num_workers", "1")  # of the 2-rank run
+
+
 @pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory, same_image_data):
-    """2 processes x batch B, 4 steps, checkpoints at 2 and 4, one DataLoader worker per rank."""
-    root = tmp_path_factory.mktemp("two_ranks")
-    out, logs = str(root / "out"), str(root / "log")
-    j = Jobs()
+def two_rank_run(tmp_path_factory, same_image_data) -> Tuple[str, str]:
+    """(output_dir, log_dir) of 2 processes x batch B, 4 steps, checkpoints at 2 and 4, a DataLoader worker each."""
+    root, j = tmp_path_factory.mktemp("two_ranks"), Jobs()
+    p = j.start(launch_cmd("--nproc_per_node", "2", "--log_dir", str(root / "log"), TRAIN_PY,
+                           *train_flags(same_image_data, str(root / "out"), *RUN_FLAGS)), str(root / "launch.out"))
     try:
-        t0 = time.time()
-        p = j.start(launch_cmd("--nproc_per_node", "2", "--log_dir", logs, TRAIN_PY) + train_flags(
-            same_image_data, out, "--per_device_train_batch_size", str(B), "--max_steps", "4", "--save_steps", "2",
-            "--dataloader_num_workers", "1"), str(root / "launch.out"))
-        assert j.wait(p, 150, str(root / "launch.out")) == 0, tail(str(root / "launch.out"))
-        print(f"2-rank run: {time.time() - t0:.1f} s")
+        j.wait(p, 150, root / "launch.out", ok=True)
     finally:
         j.cleanup()
-    return {"root": root, "out": out, "logs": logs}
+    return str(root / "out"), str(root / "log")
 
 
 # ------------------------------------------------------------------------------------------------ tests
 def test_two_ranks_train_to_the_weights_of_one_process_with_double_batch(tmp_path, two_rank_run, same_image_data):
-    """Same init (seed), same records (all identical: see same_image_data), same random draws per global sample
-    (StreamingTrainer.sample_keys): 2 ranks x B must reach 1 process x 2B's weights, which holds only if the
-    ranks' gradients are averaged. Noise, timesteps and VAE draws differ per sample, so a rank that trained on
-    its own gradient would drift away by about one Adam step (~lr) per step."""
+    """Same init (seed), same records (all identical: see same_image_data), the same random draws per global
+    sample (StreamingTrainer.sample_keys): 2 ranks x B reach the weights of 1 process x 2B only if the ranks'
+    gradients are averaged. (Measured: 1 process x B, i.e. one rank's gradient alone, ends 7e-3 away.)"""
     one = str(tmp_path / "one")
-    proc = subprocess.run([PY, TRAIN_PY] + train_flags(same_image_data, one, "--per_device_train_batch_size", str(2 * B),
-                                             "--max_steps", "4", "--save_steps", "2", "--dataloader_num_workers", "0"),
-                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run([PY, TRAIN_PY, *train_flags(same_image_data, one, *RUN_FLAGS[:4]),
+                           "--per_device_train_batch_size", str(2 * B), "--dataloader_num_workers", "0"], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=150)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    two = two_rank_run["out"]
-    diff = max_diff(unet(two), unet(one))
-    moved = max_diff(unet(two), unet(os.path.join(two, "checkpoint-2")))  # steps 3-4 alone
-    assert moved > 1e-3, f"training did not move the weights ({moved})"
-    assert diff < 1e-5 and diff < moved / 100, f"2x{B} and 1x{2 * B} differ by {diff} (steps 3-4 moved {moved})"
+    two = two_rank_run[0]
+    diff, moved = unet_diff(two, one), unet_diff(two, os.path.join(two, "checkpoint-2"))
+    assert moved > 1e-3, f"steps 3-4 did not move the weights ({moved})"
+    assert diff < 1e-5, f"2 x {B} and 1 x {2 * B} differ by {diff} (steps 3-4 alone moved them by {moved})"
 
 
-def test_rank_zero_alone_saves_logs_and_every_rank_keeps_its_loader_state(two_rank_run):
-    out, logs = two_rank_run["out"], two_rank_run["logs"]
-    names = os.listdir(out)
-    assert {"checkpoint-2", "checkpoint-4", "unet"} <= set(names), names
-    assert not [n for n in names if n.startswith(".")], names  # the preflight's shared-folder token is gone
+def test_checkpoints_and_resume_under_two_ranks(tmp_path, two_rank_run, same_image_data, jobs):
+    """Every checkpoint of the 2-rank run holds one loader state per rank and one set of model files (rank 0
+    alone saves and logs). Cut back to its checkpoint-2 and resumed with 2 ranks, it reaches the same weights and
+    the same loader position on each rank as the run that never stopped."""
+    straight, out, logs = two_rank_run[0], str(tmp_path / "resumed"), tmp_path / "log"
+    assert {"checkpoint-2", "checkpoint-4", "unet"} <= set(os.listdir(straight))
+    assert not [n for n in os.listdir(straight) if n.startswith(".")]  # the preflight's shared-folder token is gone
     for step in (2, 4):
-        ckpt = os.path.join(out, f"checkpoint-{step}")
-        states = [json.loads(read(os.path.join(ckpt, f"loader_state_rank{r}.json"))) for r in (0, 1)]
+        ckpt = os.path.join(straight, f"checkpoint-{step}")
+        states = [json.loads(read(p)) for p in sorted(glob.glob(os.path.join(ckpt, "loader_state_rank*.json")))]
         assert [(s["rank"], s["world_size"], s["batches_consumed"]) for s in states] == [(0, 2, step), (1, 2, step)]
-        assert {json.loads(read(os.path.join(ckpt, "trainer_state.json")))["global_step"]} == {step}
         assert len(glob.glob(os.path.join(ckpt, "unet", "*.safetensors"))) == 1
-    rank0, rank1 = read(os.path.join(logs, "workerlog.0")), read(os.path.join(logs, "workerlog.1"))
-    assert rank0.count("global_step: ") == 4 and "global_step: " not in rank1  # training log: rank 0 only
-    assert "preflight: 2 ranks: 0@" in rank0 and "sharding by part" in rank0
-
-
-def test_resume_under_two_ranks_continues_from_the_checkpoint(tmp_path, two_rank_run, same_image_data, jobs):
-    """Cut the 4-step run back to its checkpoint-2 and resume it with 2 ranks: the same weights and the same
-    per-rank loader positions as the run that never stopped."""
-    out = str(tmp_path / "resumed")
-    shutil.copytree(two_rank_run["out"], out)
+    rank0, rank1 = (read(os.path.join(two_rank_run[1], f"workerlog.{r}")) for r in (0, 1))
+    assert rank0.count("global_step: ") == 4 and "global_step: " not in rank1  # the training log: rank 0 only
+    assert "preflight: 2 ranks: 0@" in rank0 and "watchdog timeout 30 s" in rank0
+    shutil.copytree(straight, out)
     for name in ("checkpoint-4", "unet", "training_args.bin"):
         (shutil.rmtree if os.path.isdir(os.path.join(out, name)) else os.remove)(os.path.join(out, name))
-    logs, launch_out = str(tmp_path / "log"), str(tmp_path / "launch.out")
-    p = jobs.start(launch_cmd("--nproc_per_node", "2", "--log_dir", logs, TRAIN_PY) + train_flags(
-        same_image_data, out, "--per_device_train_batch_size", str(B), "--max_steps", "4", "--save_steps", "2",
-        "--dataloader_num_workers", "1"), launch_out)
-    assert jobs.wait(p, 150, launch_out) == 0, tail(launch_out)
+    p = jobs.start(launch_cmd("--nproc_per_node", "2", "--log_dir", str(logs), TRAIN_PY,
+                              *train_flags(same_image_data, out, *RUN_FLAGS)), str(tmp_path / "launch.out"))
+    jobs.wait(p, 150, tmp_path / "launch.out", ok=True)
     for r in (0, 1):
-        assert "resumed weights and loader position from" in read(os.path.join(logs, f"workerlog.{r}"))
-    straight = os.path.join(two_rank_run["out"], "checkpoint-4")
-    for r in (0, 1):
-        name = f"loader_state_rank{r}.json"
-        assert json.loads(read(os.path.join(out, "checkpoint-4", name))) == json.loads(read(os.path.join(straight,
-                                                                                                         name)))
+        assert f"resumed weights and loader position from {out}/checkpoint-2" in read(logs / f"workerlog.{r}")
+        name = os.path.join("checkpoint-4", f"loader_state_rank{r}.json")
+        assert json.loads(read(os.path.join(out, name))) == json.loads(read(os.path.join(straight, name)))
     assert json.loads(read(os.path.join(out, "checkpoint-4", "trainer_state.json")))["global_step"] == 4
-    assert max_diff(unet(out), unet(two_rank_run["out"])) < 1e-6
+    assert unet_diff(out, straight) < 1e-6
 
 
 PROBE = r'''
-"""One rank of a real launch: the (part, line) of every record this rank's logical workers read."""
+"""One rank of a real launch: the (part, line) of every record its logical workers read."""
 import itertools, json, sys
 sys.path.insert(0, sys.argv[1])
 import paddle.distributed as dist
@@ -271,9 +249,9 @@ dist.init_parallel_env()
 rank, world = dist.get_rank(), dist.get_world_size()  # what TrainingArguments.dataset_rank/_world_size return
 result = {}
 for workers, draws in ((1, 80), (3, 40)):  # 2 or 6 global readers for 4 parts: by part, then by line
-    cfg = LoaderConfig(sys.argv[2], resolution=8, center_crop=True, shuffle_buffer_size=4)
-    ds = TextImageDataset(cfg, None, 1, rank, world, workers)
-    result[workers] = [[list(s.ref) for s in itertools.islice(ds.iter_samples(w), draws)] for w in range(workers)]
+    ds = TextImageDataset(LoaderConfig(sys.argv[2], resolution=8, center_crop=True, shuffle_buffer_size=4), None, 1,
+                          rank, world, workers)
+    result[workers] = [[s.ref for s in itertools.islice(ds.iter_samples(w), draws)] for w in range(workers)]
 with open(f"{sys.argv[3]}.{rank}.json", "w") as f:
     json.dump({"rank": rank, "world": world, "refs": result}, f)
 dist.barrier()
@@ -282,121 +260,141 @@ dist.barrier()
 
 def test_ranks_read_disjoint_shards_that_cover_the_data(tmp_path, same_image_data, jobs):
     """Two real ranks started by paddle.distributed.launch build the training dataset from their launch
-    environment; over an epoch their records ((part, line) of epoch 0) never overlap and together cover all."""
+    environment: the records of an epoch ((part, line) of epoch 0) never overlap and together are all."""
     probe, out = tmp_path / "probe.py", str(tmp_path / "refs")
     probe.write_text(PROBE)
-    launch_out = str(tmp_path / "launch.out")
     p = jobs.start(launch_cmd("--nproc_per_node", "2", "--log_dir", str(tmp_path / "log"), str(probe), ROOT,
-                              same_image_data, out), launch_out)
-    assert jobs.wait(p, 120, launch_out) == 0, tail(launch_out)
+                              same_image_data, out), str(tmp_path / "launch.out"))
+    jobs.wait(p, 120, tmp_path / "launch.out", ok=True)
     got = [json.loads(read(f"{out}.{r}.json")) for r in (0, 1)]
     assert [(g["rank"], g["world"]) for g in got] == [(0, 2), (1, 2)]
     everything = {(part, line) for part in range(4) for line in range(16)}
     for workers in ("1", "3"):
-        per_reader = [{(ref[2], ref[3]) for ref in refs if ref[1] == 0} for g in got for refs in g["refs"][workers]]
-        assert all(per_reader), f"{workers} workers: a reader got nothing"
-        assert sum(len(r) for r in per_reader) == len(everything), f"{workers} workers: readers overlap"
-        assert set().union(*per_reader) == everything, f"{workers} workers: records missing"
+        readers = [{(ref[2], ref[3]) for ref in refs if ref[1] == 0} for g in got for refs in g["refs"][workers]]
+        assert all(readers), f"{workers} workers: a reader got nothing"
+        assert sum(len(r) for r in readers) == len(everything), f"{workers} workers: readers overlap"
+        assert set().union(*readers) == everything, f"{workers} workers: records missing"
 
 
 def test_two_nodes_on_loopback_through_train_sh_write_one_checkpoint(tmp_path, same_image_data, jobs):
-    """Two launch commands (train.sh --master --nnodes 2 --rank R, 1 process each) form one job: one set of model
-    files and one loader state per rank in the checkpoint; samples and VisualDL logs from rank 0 only."""
-    out, port = str(tmp_path / "out"), free_port()
-    flags = train_flags(same_image_data, out, "--per_device_train_batch_size", str(B), "--max_steps", "2",
-                        "--save_steps", "2", "--image_logging_steps", "2", "--num_inference_steps", "2",
-                        "--report_to", "visualdl", "--dataloader_num_workers", "1")
-    procs = [jobs.start(["sh", os.path.join(ROOT, "train.sh"), "--master", f"127.0.0.1:{port}", "--nnodes", "2",
-                         "--rank", str(node), "--nproc_per_node", "1", "--log_dir", str(tmp_path / f"log{node}"),
-                         *flags], str(tmp_path / f"node{node}.out")) for node in (0, 1)]
+    """Two train.sh commands (--master --nnodes 2 --rank R, 1 process each) form one job: one set of model files
+    and one loader state per rank in the checkpoint; samples and VisualDL logs from rank 0 only."""
+    out = str(tmp_path / "out")
+    procs = two_nodes(jobs, tmp_path, train_flags(
+        same_image_data, out, "--max_steps", "2", "--save_steps", "2", "--image_logging_steps", "2",
+        "--num_inference_steps", "2", "--report_to", "visualdl", "--dataloader_num_workers", "1"), sh=True)
     for node, p in enumerate(procs):
-        assert jobs.wait(p, 150, str(tmp_path / f"node{node}.out")) == 0, tail(str(tmp_path / f"node{node}.out"))
-        assert "[preflight] ok: world: 2 ranks (2 node(s) x 1)" in read(str(tmp_path / f"node{node}.out"))
+        jobs.wait(p, 150, tmp_path / f"node{node}.out", ok=True)
+        assert "[preflight] ok: world: 2 ranks (2 node(s) x 1)" in read(tmp_path / f"node{node}.out")
     ckpt = os.path.join(out, "checkpoint-2")
-    assert sorted(glob.glob(os.path.join(ckpt, "loader_state_rank*.json"))) == [
-        os.path.join(ckpt, f"loader_state_rank{r}.json") for r in (0, 1)]
-    assert [json.loads(read(os.path.join(ckpt, f"loader_state_rank{r}.json")))["rank"] for r in (0, 1)] == [0, 1]
+    states = sorted(glob.glob(os.path.join(ckpt, "loader_state_rank*.json")))
+    assert [(os.path.basename(p), json.loads(read(p))["rank"]) for p in states] == [
+        ("loader_state_rank0.json", 0), ("loader_state_rank1.json", 1)]
     for name in ("unet/config.json", "optimizer.pdopt", "trainer_state.json", ".complete"):
         assert os.path.exists(os.path.join(ckpt, name)), name
     assert len(glob.glob(os.path.join(ckpt, "unet", "*.safetensors"))) == 1
     assert len(glob.glob(os.path.join(out, "runs", "*", "vdlrecords*"))) == 1
     assert glob.glob(os.path.join(out, "samples", "step-0000002_samples_cfg7.5.png"))
-    rank0, rank1 = (read(str(tmp_path / f"log{node}" / "workerlog.0")) for node in (0, 1))
+    rank0, rank1 = (read(tmp_path / f"log{node}" / "workerlog.0") for node in (0, 1))
     assert "logged reconstruction" in rank0 and "logged" not in rank1
 
 
-def start_two_nodes(jobs, tmp_path, file_list: str, timeout_s: int = 8):
-    """A long 2-node loopback job (1 process per node, a DataLoader worker each), once rank 0 trains."""
-    port, out = free_port(), str(tmp_path / "out")
-    flags = train_flags(file_list, out, "--per_device_train_batch_size", str(B), "--max_steps", "100000",
-                        "--save_steps", "100000", "--dataloader_num_workers", "1")
-    procs = [jobs.start(launch_cmd("--master", f"127.0.0.1:{port}", "--nnodes", "2", "--rank", str(node),
-                                   "--nproc_per_node", "1", "--log_dir", str(tmp_path / f"log{node}"), TRAIN_PY,
-                                   *flags), str(tmp_path / f"node{node}.out"), SD_RANK_TIMEOUT=str(timeout_s))
-             for node in (0, 1)]
-    log0 = str(tmp_path / "log0" / "workerlog.0")
-    deadline = time.time() + 120
-    while not (os.path.exists(log0) and "global_step: 2," in read(log0)):
-        assert time.time() < deadline and all(p.poll() is None for p in procs), tail(str(tmp_path / "node0.out"))
+def start_long_job(jobs, tmp_path, file_list: str) -> List[subprocess.Popen]:
+    """A 2-node job that would run for hours (a DataLoader worker per rank), returned once rank 0 trains."""
+    procs = two_nodes(jobs, tmp_path, train_flags(file_list, str(tmp_path / "out"), "--max_steps", "100000",
+                                                  "--save_steps", "100000", "--dataloader_num_workers", "1"),
+                      SD_RANK_TIMEOUT="8")
+    log0, deadline = tmp_path / "log0" / "workerlog.0", time.time() + 120
+    while not (log0.exists() and "global_step: 2," in read(log0)):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), read(tmp_path / "node0.out")
         time.sleep(0.5)
     return procs
 
 
 def test_a_killed_rank_ends_the_job_on_every_node_and_is_named(tmp_path, same_image_data, jobs):
     """SIGKILL the rank-1 trainer (not a launcher) mid-run: both launchers exit non-zero within 60 s, the dead
-    rank's node says which global rank died, and no process of the job is left (DataLoader workers included)."""
-    procs = start_two_nodes(jobs, tmp_path, same_image_data)
-    victim = rank_pid(procs[1].pid, 1)
-    jobs.remember()
-    job_pids = set(jobs.seen)
-    assert len(job_pids) >= 6, job_pids  # 2 trainers, their DataLoader workers and death reporters at least
-    t0 = time.time()
+    rank's log (which its launcher names) says which global rank died, and nothing of the job is left: no
+    process (DataLoader workers included), no batch in /dev/shm."""
+    procs = start_long_job(jobs, tmp_path, same_image_data)
+    victim, job = rank_pid(procs[1].pid, 1), jobs.remember()
+    assert len(job) >= 6, job  # 2 trainers, their DataLoader workers and death reporters, at least
     os.kill(victim, signal.SIGKILL)
     codes = [jobs.wait(p, 60, str(tmp_path / f"node{n}.out")) for n, p in enumerate(procs)]
-    elapsed = time.time() - t0
-    print(f"killed rank: job ended in {elapsed:.1f} s")
     assert all(c != 0 for c in codes), codes
-    node1 = read(str(tmp_path / "node1.out"))
-    assert "JOB: rank 1 of 2 on" in node1 and "died: its process ended without finishing" in node1
-    deadline = time.time() + 10
-    while [pid for pid in job_pids if alive(pid)] and time.time() < deadline:
+    dead = read(tmp_path / "log1" / "workerlog.0")
+    assert "JOB: rank 1 of 2 on" in dead and "died: its process ended without finishing" in dead
+    assert "status failed" in read(tmp_path / "node1.out") and "log1/workerlog.0" in read(tmp_path / "node1.out")
+    deadline = time.time() + 20
+    while running(job) and time.time() < deadline:  # orphans would never end: DataLoader workers die with a rank
         time.sleep(0.2)
-    assert not [pid for pid in job_pids if alive(pid)], "processes of the job outlived it"
+    assert not running(job), "processes of the job outlived it"
+    assert not [f for pid in job for f in glob.glob(f"/dev/shm/paddle_{pid}_*")], "its batches stayed in /dev/shm"
 
 
 def test_a_hung_rank_is_named_by_the_watchdog_and_the_job_ends(tmp_path, same_image_data, jobs):
-    """SIGSTOP rank 1 (a frozen rank: no crash, no closed socket, its node's launcher sees nothing): rank 0's
-    watchdog names it after SD_RANK_TIMEOUT and ends the job; once rank 1 runs again it ends too."""
-    procs = start_two_nodes(jobs, tmp_path, same_image_data, timeout_s=8)
+    """SIGSTOP rank 1 (a frozen rank: no crash, no closed socket, its launcher sees nothing): rank 0's watchdog
+    names it after SD_RANK_TIMEOUT (8 s here) and ends the job. Woken up, rank 1 meets the closed job: its
+    watchdog, or first a gloo error, ends it; either way it says so."""
+    procs = start_long_job(jobs, tmp_path, same_image_data)
     victim = rank_pid(procs[1].pid, 1)
-    t0 = time.time()
     os.kill(victim, signal.SIGSTOP)
     try:
-        code0 = jobs.wait(procs[0], 40, str(tmp_path / "node0.out"))
-        print(f"stopped rank: node 0 ended in {time.time() - t0:.1f} s")
+        code0 = jobs.wait(procs[0], 40, str(tmp_path / "node0.out"))  # 8 s + at most 2 intervals, measured 8-9 s
     finally:
         os.kill(victim, signal.SIGCONT)
-    code1 = jobs.wait(procs[1], 40, str(tmp_path / "node1.out"))
-    assert code0 != 0 and code1 != 0
-    node0, node1 = read(str(tmp_path / "node0.out")), read(str(tmp_path / "node1.out"))
+    assert code0 != 0 and jobs.wait(procs[1], 40, str(tmp_path / "node1.out")) != 0
+    node0, node1 = read(tmp_path / "node0.out"), read(tmp_path / "node1.out")
     assert "JOB WATCHDOG (rank 0): rank 1 on" in node0 and "sent no heartbeat for" in node0
-    # Resumed, rank 1 meets the closed job: its watchdog or (first) a gloo error ends it; either way it says so.
     assert "JOB WATCHDOG (rank 1):" in node1 or "JOB: rank 1 of 2 on" in node1
 
 
 def test_output_dir_that_is_not_shared_stops_every_rank_with_a_clear_error(tmp_path, same_image_data, jobs):
     """A relative --output_dir resolves against each node's working directory: two different folders. Every
-    rank stops at start with the message, before any checkpoint silently lacks files."""
-    port, procs = free_port(), []
-    for node in (0, 1):
-        cwd = tmp_path / f"cwd{node}"
+    rank stops at start, with the message, instead of writing checkpoints that silently lack files."""
+    cwds = [tmp_path / f"cwd{node}" for node in (0, 1)]
+    for cwd in cwds:
         cwd.mkdir()
-        procs.append(jobs.start(launch_cmd("--master", f"127.0.0.1:{port}", "--nnodes", "2", "--rank", str(node),
-                                           "--nproc_per_node", "1", "--log_dir", str(cwd / "log"), TRAIN_PY,
-                                           *train_flags(same_image_data, "out", "--max_steps", "2")),
-                                str(tmp_path / f"node{node}.out"), cwd=str(cwd)))
+    procs = two_nodes(jobs, tmp_path, train_flags(same_image_data, "out", "--max_steps", "2"), cwds=cwds)
     for node, p in enumerate(procs):
         assert jobs.wait(p, 120, str(tmp_path / f"node{node}.out")) != 0
-        log = read(str(tmp_path / f"cwd{node}" / "log" / "workerlog.0"))
+        log = read(tmp_path / f"log{node}" / "workerlog.0")
         assert "PreflightError" in log and "output_dir out is not the same shared folder on every node" in log
-    assert os.listdir(tmp_path / "cwd0" / "out") == []  # rank 0's token is removed again
+    assert os.listdir(cwds[0] / "out") == []  # rank 0's token is removed again
+
+
+def test_preflight_script_stops_a_bad_launch_before_it_starts(tmp_path, same_image_data):
+    """--gpus on this CPU machine, a node list without this node, more readers than parts: one run names every
+    problem and exits 1, before anything is launched."""
+    flags = train_flags(same_image_data, str(tmp_path / "out"), "--max_steps", "2", "--dataloader_num_workers", "2")
+    proc = subprocess.run([PY, os.path.join(ROOT, "scripts", "preflight.py"), "--gpus", "0,1", "--ips",
+                           "10.255.0.1,10.255.0.2", "--", *flags], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 1, text
+    assert "ERROR: --gpus 0,1: paddle sees no CUDA GPU on this machine" in text and "--nproc_per_node N" in text
+    assert "is not in --ips 10.255.0.1,10.255.0.2: paddle would make it node 0 as well" in text
+    assert "has 4 parts for 8 global readers (4 ranks x 2 workers): sharding by line" in text
+    assert "not launching" in text
+
+
+@pytest.mark.unit
+def test_shm_check_gives_numbers_and_the_fix():
+    pf = SimpleNamespace(**runpy.run_path(os.path.join(ROOT, "scripts", "preflight.py")))  # scripts/: no package
+    needed = pf.shm_bytes_needed(8, 4, 8, 512)  # 8 GPUs x 4 workers, batch 8 at 512 px: (2 x 4 + 1) batches each
+    assert needed == 8 * 9 * 8 * (3 * 512 * 512 * 4 + 77 * 8)
+    small = pf.shm_finding(64 * 2**20, needed, 8, 4)  # docker's default --shm-size
+    assert small.level == "error" and "/dev/shm has 64 MiB free; 8 process(es) x 4 DataLoader workers need" in \
+        small.message and "--shm-size=4g" in small.message and "lower --dataloader_num_workers" in small.message
+    assert [pf.shm_finding(free, needed, 8, 4).level for free in (needed + 1, 3 * needed)] == ["warning", "ok"]
+    assert pf.shm_finding(0, pf.shm_bytes_needed(8, 0, 8, 512), 8, 0).level == "ok"  # no workers: no shm
+
+
+@pytest.mark.unit
+def test_rank_reports_are_judged_alike_on_every_rank():
+    assert judge_reports([RankReport(r, f"n{r}", r, "/out/checkpoint-2", "abc") for r in (0, 1)], "/out") == []
+    bad = [RankReport(0, "node0", 1, "/out/checkpoint-2", "abc"), RankReport(1, "node1", 2, None, "abd"),
+           RankReport(2, "node1", 3, None, "abc", ["no share"]), RankReport(3, "node1", 4, None, "abc", ["no share"])]
+    problems = judge_reports(bad, "/out")
+    assert problems[0] == "no share (rank 2@node1, 3@node1)"  # one line for the ranks of a node
+    assert any("rank 1 on node1 sees other data than rank 0" in p for p in problems)
+    assert sum("output_dir /out is not the same shared folder on every node" in p for p in problems) == 3

@@ -2,6 +2,7 @@
 caption adherence. Runs the real scripts (prepare_demo_data.sh, train.sh with the committed preset, eval.py)."""
 import json
 import os
+import shlex
 import subprocess
 
 import pytest
@@ -18,7 +19,7 @@ def preset_flags(**overrides):
     flags = []
     for line in open(PRESET, encoding="utf-8"):
         if line.strip() and not line.startswith("#"):
-            flags.extend(line.split())
+            flags.extend(shlex.split(line))
     for name, value in overrides.items():
         i = flags.index(f"--{name}")
         flags[i + 1] = str(value)
@@ -42,8 +43,8 @@ def test_quickstart_trains_a_model_that_follows_color_captions(tmp_path):
 
     # The preset as `sh train.sh` runs it, with paths into tmp_path.
     run(["sh", "train.sh", *preset_flags(file_list=file_list, output_dir=out)])
-    assert (out / "unet" / "config.json").exists() and (out / "checkpoint-300" / ".complete").exists()
-    assert (out / "samples" / "step-0000300_samples_cfg7.5.png").exists()
+    assert (out / "unet" / "config.json").exists() and (out / "checkpoint-600" / ".complete").exists()
+    assert (out / "samples" / "step-0000600_samples_cfg7.5.png").exists()
 
     run([PY, "eval.py", "--model_dir", TINY_INIT, "--unet_path", str(out / "unet"), "--prompt",
          "a red circle at the top left", "--guidance_scales", "1", "7.5", "--num_inference_steps", "10",

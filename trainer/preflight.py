@@ -1,17 +1,15 @@
-"""Checks before a training job starts, and the watchdog that ends a job whose rank is gone.
+"""The checks a training job can only make once it runs, and the watchdog that ends a job whose rank is gone.
+The checks of one node before the launch (devices, nodes, data shards, /dev/shm, output_dir) are in
+scripts/preflight.py, which train.sh runs.
 
-Two callers:
-- scripts/preflight.py, run by train.sh on each node before `paddle.distributed.launch`: the node-local checks
-  below (data shards, /dev/shm, output_dir), so a bad setup fails once with one clear message instead of N
-  times in N worker logs.
-- train.py, inside every rank once the parallel env is up: rank_preflight() proves output_dir is one shared
-  folder (rank 0 writes a token, every rank reads it back), that every rank sees the same data and resolved the
-  same checkpoint, then starts a RankWatchdog. Its JobGuard.finish() marks a clean end.
+train.py calls rank_preflight() in every rank once the parallel env is up: output_dir must be one shared folder
+(rank 0 writes a token, every rank reads it back), every rank must see the same data and resolve the same
+checkpoint. It then starts a RankWatchdog; JobGuard.finish() marks the clean end.
 
 Why a watchdog: paddle's launcher stops its own node's processes when one dies, but nothing tells the other
-nodes; their ranks then wait in a collective until the gloo (30 s) or NCCL (much longer) timeout, with an error
-that names no rank. Every rank heartbeats through the job's TCP store (hosted by rank 0); rank 0 watches all,
-the others watch rank 0, and whoever sees a silent peer ends the whole job with a message naming it.
+nodes; their ranks wait in a collective until the gloo (30 s) or NCCL (far longer) timeout, with an error that
+names no rank. Every rank heartbeats through the job's TCP store (hosted by rank 0); rank 0 watches all, the
+others watch rank 0, and whoever sees a silent peer ends the whole job with a message naming it.
 """
 from __future__ import annotations
 
@@ -31,112 +29,38 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from data_tools.part_format import read_filelist_list
-from trainer.sharding import BY_LINE, sharding_mode
 
 logger = logging.getLogger("sd")
 
 TIMEOUT_ENV = "SD_RANK_TIMEOUT"  # seconds without a heartbeat before a rank counts as gone
 DEFAULT_TIMEOUT_S = 30.0
 PEER_LOST_EXIT_CODE = 3
-SHM_PATH = "/dev/shm"
-PREFETCH_FACTOR = 2  # paddle.io.DataLoader's default: batches in flight per worker
-TOKEN_WAIT_S = 10.0  # network file systems may show a new file to other clients with a short delay
+TOKEN_WAIT_S = 5.0  # some shared file systems show a new file to other clients with a delay
+STORE_ERRORS = (ValueError, RuntimeError, OSError)  # what paddle's TCPStore raises
 
 
 class PreflightError(RuntimeError):
     """The job cannot run as configured; the message says what to change."""
 
 
-@dataclass
-class Finding:
-    level: str  # "ok" | "warning" | "error"
-    message: str
-
-
-# ------------------------------------------------------------------------------------------------ node checks
-def shard_findings(file_list: str, world_size: int, num_workers: int) -> List[Finding]:
-    """How each source is split over the global readers (world_size x max(1, num_workers))."""
-    G = world_size * max(1, num_workers)
-    out = []
-    for src in read_filelist_list(file_list):
-        n = len(src.parts)
-        if n == 0:
-            out.append(Finding("warning", f"data: {src.filelist} lists no parts: it contributes nothing"))
-        elif sharding_mode(n, G) == BY_LINE:
-            out.append(Finding("warning", (
-                f"data: {src.filelist} has {n} parts for {G} global readers ({world_size} ranks x "
-                f"{max(1, num_workers)} workers): sharding by line (every reader opens every part and keeps 1 "
-                f"line in {G}; correct, but each reader decodes {G}x more gzip). For sharding by part give it "
-                f">= {G} parts (create_pretraining_data.py --per_part_file_num smaller).")))
-        else:
-            out.append(Finding("ok", f"data: {src.filelist}: {n} parts for {G} global readers: sharding by part"))
-    return out
-
-
-def shm_bytes_needed(local_procs: int, num_workers: int, batch_size: int, resolution: int,
-                     model_max_length: int = 77) -> int:
-    """Shared memory the DataLoaders of one node hold at once: every worker's batches in flight (float32
-    pixels + int64 token ids), plus the batch being consumed, per process. 0 without workers (no shm used)."""
-    if num_workers <= 0:
-        return 0
-    batch = batch_size * (3 * resolution * resolution * 4 + model_max_length * 8)
-    return local_procs * (PREFETCH_FACTOR * num_workers + 1) * batch
-
-
-def shm_finding(free: Optional[int], needed: int, local_procs: int, num_workers: int) -> Finding:
-    if needed == 0:
-        return Finding("ok", "shm: no DataLoader workers (--dataloader_num_workers 0): no shared memory needed")
-    if free is None:
-        return Finding("warning", f"shm: {SHM_PATH} does not exist: paddle DataLoader workers may fail")
-    what = (f"{SHM_PATH} has {free / 2**20:.0f} MiB free; {local_procs} process(es) x {num_workers} DataLoader "
-            f"workers need about {needed / 2**20:.0f} MiB")
-    fix = (f"Give the container more (docker run --shm-size={max(1, -(-2 * needed // 2**30))}g, or Kubernetes "
-           "an emptyDir with medium: Memory on /dev/shm) or lower --dataloader_num_workers.")
-    if free < needed:
-        return Finding("error", f"shm: {what}: workers would die with a bus error mid-run. {fix}")
-    if free < 2 * needed:
-        return Finding("warning", f"shm: {what}, with little margin. {fix}")
-    return Finding("ok", f"shm: {what}")
-
-
-def free_shm_bytes() -> Optional[int]:
-    if not os.path.isdir(SHM_PATH):
-        return None
-    st = os.statvfs(SHM_PATH)
-    return st.f_bavail * st.f_frsize
-
-
-def output_dir_finding(output_dir: str) -> Finding:
-    """Create output_dir (training would) and write, then remove, a probe file in it."""
-    probe = os.path.join(output_dir, f".preflight-write-{os.getpid()}")
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(probe, "w", encoding="utf-8") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        return Finding("error", f"output_dir {output_dir} is not writable: {e}")
-    return Finding("ok", f"output_dir {output_dir} is writable")
-
-
+# ------------------------------------------------------------------------------------------------ in-rank
 def data_signature(file_list: str) -> str:
-    """What a rank reads, condensed: its sources, weights and part paths. Equal on every rank of a good job."""
+    """What a rank reads, condensed: sources, weights and part paths. Equal on every rank of a good job."""
     h = hashlib.sha256()
     for src in read_filelist_list(file_list):
         h.update(f"{src.filelist}|{src.weight}|{'|'.join(src.parts)}\n".encode())
     return h.hexdigest()[:16]
 
 
-# ------------------------------------------------------------------------------------------------ in-rank
 @dataclass
 class RankReport:
-    """What one rank found; gathered on every rank so that all of them judge the same table."""
+    """What one rank found; gathered on every rank, so that all of them judge the same table."""
 
     rank: int
     host: str
     pid: int
     checkpoint: Optional[str]
-    data: str  # data_signature, or "error: ..." when this rank cannot read the data
+    data: str = ""  # data_signature, or "error: ..." when this rank cannot read the data
     problems: List[str] = field(default_factory=list)
 
 
@@ -146,22 +70,20 @@ def host_label() -> str:
 
 
 def judge_reports(reports: List[RankReport], output_dir: str) -> List[str]:
-    """Problems of the job as a whole, worst first; [] when every rank agrees with rank 0."""
-    first = reports[0]
-    where: Dict[str, List[str]] = {}  # one line per distinct problem: 8 ranks of a node share their /dev/shm
-    for r in reports:
+    """The job's problems, one line each; [] when every rank is fine and agrees with rank 0."""
+    first, where = reports[0], {}
+    for r in reports:  # one line per distinct problem: every rank of a node without the share says it
         for p in r.problems:
             where.setdefault(p, []).append(f"{r.rank}@{r.host}")
     problems = [f"{p} (rank {', '.join(ranks)})" for p, ranks in where.items()]
     for r in reports[1:]:
         if r.data != first.data:
-            problems.append(
-                f"rank {r.rank} on {r.host} sees other data than rank 0 on {first.host} ({r.data} vs {first.data}): "
-                "every node needs the same --file_list, filelists and part paths (same mount points).")
+            problems.append(f"rank {r.rank} on {r.host} sees other data than rank 0 on {first.host} ({r.data} vs "
+                            f"{first.data}): every node needs the same --file_list, filelists and part paths.")
         if r.checkpoint != first.checkpoint:
-            problems.append(
-                f"rank {r.rank} on {r.host} would resume from {r.checkpoint} but rank 0 on {first.host} from "
-                f"{first.checkpoint}: output_dir {output_dir} is not the same shared folder on every node.")
+            problems.append(f"rank {r.rank} on {r.host} would resume from {r.checkpoint} but rank 0 from "
+                            f"{first.checkpoint}: output_dir {output_dir} is not the same shared folder on every "
+                            "node.")
     return problems
 
 
@@ -171,29 +93,16 @@ def rank_preflight(args, data_args, checkpoint: Optional[str]) -> "JobGuard":
 
     install_worker_reaper()
     world, rank = dist.get_world_size(), dist.get_rank()
-    report = RankReport(rank, host_label(), os.getpid(), checkpoint, "")
+    if world == 1:  # nothing to compare: a single process reports its own problems as they come
+        return JobGuard(None)
+    report = RankReport(rank, host_label(), os.getpid(), checkpoint)
     try:
         report.data = data_signature(data_args.file_list)
-    except (OSError, ValueError) as e:  # reported in the gathered table, so that every rank stops together
+    except (OSError, ValueError) as e:  # into the gathered table, so that every rank stops together
         report.data = f"error: {e}"
         report.problems.append(f"cannot read the data: {e}")
-    local_procs = int(os.environ.get("PADDLE_LOCAL_SIZE", "1"))
-    needed = shm_bytes_needed(local_procs, args.dataloader_num_workers, args.per_device_train_batch_size,
-                              data_args.resolution)
-    shm = shm_finding(free_shm_bytes(), needed, local_procs, args.dataloader_num_workers)
-    if shm.level == "error":
-        report.problems.append(shm.message)
-    elif shm.level == "warning":
-        logger.warning("preflight: %s", shm.message)
-    if world == 1:
-        out = output_dir_finding(args.output_dir)
-        problems = report.problems + ([out.message] if out.level == "error" else [])
-        if problems:
-            raise PreflightError("preflight failed:\n  " + "\n  ".join(problems))
-        return JobGuard(None)
-
     timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
-    watchdog = RankWatchdog(rank, world, timeout)  # first, so that a rank missing below is named, not waited for
+    watchdog = RankWatchdog(rank, world, timeout)  # first: a rank missing below is then named, not waited for
     watchdog.start()
     _check_shared_output_dir(args.output_dir, rank, report, dist)
     reports: List[RankReport] = []
@@ -204,61 +113,77 @@ def rank_preflight(args, data_args, checkpoint: Optional[str]) -> "JobGuard":
         watchdog.stand_down()
         raise PreflightError("preflight failed:\n  " + "\n  ".join(problems))
     if rank == 0:
-        for f in shard_findings(data_args.file_list, args.dataset_world_size, args.dataloader_num_workers):
-            (logger.warning if f.level != "ok" else logger.info)("preflight: %s", f.message)
         logger.info("preflight: %d ranks: %s; watchdog timeout %.0f s (%s)", world,
                     ", ".join(f"{r.rank}@{r.host} pid {r.pid}" for r in reports), timeout, TIMEOUT_ENV)
     return JobGuard(watchdog)
 
 
 def _check_shared_output_dir(output_dir: str, rank: int, report: RankReport, dist) -> None:
-    """Rank 0 writes a fresh token under output_dir; every rank must read it back there. Runs after every rank
-    has passed resolve_checkpoint (which lists output_dir): the collectives below order it so."""
+    """Rank 0 writes a fresh token under output_dir, every rank reads it back. The first collective orders it
+    after every rank's resolve_checkpoint (which lists output_dir)."""
     token = [uuid.uuid4().hex if rank == 0 else None]
     dist.broadcast_object_list(token, src=0)
-    path = os.path.join(output_dir, f".shared-folder-check-{token[0]}")
-    status = [None]
+    name = f".shared-folder-check-{token[0]}"
+    path, status = os.path.join(output_dir, name), [None]
     if rank == 0:
-        out = output_dir_finding(output_dir)
-        if out.level == "error":
-            status = [out.message]
-        else:
+        try:
+            os.makedirs(output_dir, exist_ok=True)
             with open(path, "w", encoding="utf-8") as f:
                 f.write(token[0])
+        except OSError as e:
+            status = [f"output_dir {output_dir} is not writable: {e}"]
     dist.broadcast_object_list(status, src=0)
-    if status[0] is not None:  # rank 0 cannot write there: its report says why, the others just stop
-        if rank == 0:
-            report.problems.append(status[0])
+    if status[0] is not None:  # rank 0 cannot write there: its report says why
+        report.problems += [status[0]] if rank == 0 else []
         return
     deadline = time.monotonic() + TOKEN_WAIT_S
-    while not os.path.isfile(path) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    while time.monotonic() < deadline and not (os.path.isdir(output_dir) and name in os.listdir(output_dir)):
+        time.sleep(0.5)  # listdir, not stat: it revalidates a network file system's cached directory
     seen = None
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             seen = f.read()
     if seen != token[0]:
-        found = "not found" if seen is None else "other content"
         report.problems.append(
-            f"output_dir {output_dir} is not the same shared folder on every node: this rank cannot read "
-            f"{os.path.basename(path)}, written there by rank 0 just now ({found}). Put output_dir on storage "
-            "every node mounts at the same path (NFS, CephFS, Lustre, ...) and use absolute paths; else "
-            "checkpoints would silently lack the files of the ranks that cannot see it.")
-    dist.barrier()  # every rank has read the token before rank 0 removes it
+            f"output_dir {output_dir} is not the same shared folder on every node: this rank cannot read {name}, "
+            f"written there by rank 0 just now ({'not found' if seen is None else 'other content'}). Put "
+            "output_dir on storage every node mounts at the same path (NFS, CephFS, Lustre, ...) and use absolute "
+            "paths; else checkpoints would silently lack the files of the ranks that cannot see it.")
+    dist.barrier()  # every rank has looked before rank 0 removes the token
     if rank == 0:
         os.remove(path)
 
 
 # ------------------------------------------------------------------------------------------------ watchdog
-# Run by a tiny child interpreter per rank (no paddle import): it holds the read end of a pipe whose write end
-# only this rank holds; EOF without a word means the rank vanished (SIGKILL, OOM killer, native crash), which the
-# rank itself can no longer say. The line lands in the rank's own log, which its launcher prints on failure.
+# Run by a tiny child interpreter per rank (no paddle import), on the read end of a pipe only the rank writes to.
+# The rank's last word: f(inished), q(uiet: preflight error). Anything else is an abnormal end: EOF without a
+# word means the rank vanished (SIGKILL, OOM killer, native abort), which it can no longer say itself, so this
+# says it, in the rank's own log, which its launcher prints. Then, once the rank and its DataLoader workers are
+# gone, it removes the batches the workers left in /dev/shm: their only reader is dead, and a crash per run
+# would otherwise fill /dev/shm (GBs at SD scale) until the next run dies with a bus error.
 _DEATH_REPORTER = r"""
-import sys
-if not sys.stdin.buffer.read(1):
+import contextlib, glob, os, select, sys, time
+rank, kids, word = os.getppid(), set(), b""
+while not select.select([0], [], [], 1.0)[0]:  # meanwhile, note the rank's children (its DataLoader workers)
+    tasks = os.listdir(f"/proc/{rank}/task") if os.path.isdir(f"/proc/{rank}/task") else []
+    for tid in tasks:
+        with contextlib.suppress(OSError):  # a thread that ends while we look has no children to note
+            with open(f"/proc/{rank}/task/{tid}/children") as f:
+                kids.update(int(k) for k in f.read().split() if int(k) != os.getpid())
+word = os.read(0, 1)
+if word in (b"f", b"q"):
+    sys.exit(0)
+if not word:
     sys.stderr.write("JOB: " + sys.argv[1] + " died: its process ended without finishing and without a Python "
                      "error: killed by a signal (SIGKILL, the OOM killer) or aborted in native code (e.g. a "
                      "collective failing because another rank died: see the lines above)\n")
+    sys.stderr.flush()
+deadline = time.time() + 30
+while time.time() < deadline and (os.getppid() == rank or any(os.path.exists(f"/proc/{k}") for k in kids)):
+    time.sleep(0.2)
+for path in (p for k in kids for p in glob.glob(f"/dev/shm/paddle_{k}_*")):
+    with contextlib.suppress(FileNotFoundError):  # already removed by paddle
+        os.remove(path)
 """
 
 
@@ -266,10 +191,10 @@ class RankWatchdog:
     """Heartbeats through the job's TCP store; ends this process when a peer is gone or the job aborts.
 
     Keys: beat/<r> (counter), done/<r> (clean end), abort + abort_msg (whoever ends the job). Rank 0 watches every
-    rank, the others watch rank 0 and the abort flag: O(world) store calls per interval in all. All store calls
-    happen in the watchdog thread, with SIGCHLD blocked: paddle's C++ store does not retry a call interrupted by
-    a signal (DataLoader workers and the death reporter exiting send SIGCHLD). The thread runs while the main
-    thread waits in a collective (paddle releases the GIL there), and os._exit ends the process even then."""
+    rank, the others rank 0 and the abort flag: O(world) store calls per interval in all. Every store call is made
+    by the watchdog thread with SIGCHLD blocked, since paddle's store does not retry a call a signal interrupted
+    (exiting DataLoader workers send SIGCHLD). The thread runs while the main thread waits in a collective
+    (paddle releases the GIL there), and os._exit ends the process even then."""
 
     PREFIX = "sd_watchdog"
 
@@ -281,7 +206,7 @@ class RankWatchdog:
         self.hosts = ["?"] * world
         self._wake, self._handled = threading.Event(), threading.Event()
         self._dying, self._settling = threading.Lock(), threading.Lock()
-        self._request: Optional[tuple] = None  # ("finish",) | ("fail", message) | ("quiet",), from the main thread
+        self._request: Optional[tuple] = None  # ("finish",) | ("quiet",) | ("fail", message): from the main thread
         self._last_ok = time.monotonic()
         self._store = None
         self._report_fd = -1
@@ -304,55 +229,53 @@ class RankWatchdog:
             threading.Thread(target=target, name=f"sd-watchdog{target.__name__}", daemon=True).start()
 
     # ---------------------------------------------------------------------------------------- main thread
-    def _ask(self, *request, wait: float) -> None:
-        self._settle()
+    def finish(self) -> None:
+        """A clean end of this rank. Rank 0 hosts the store, so it waits (bounded) until the others are done."""
+        self._ask("finish", word=b"f", wait=self.timeout + 10)
+
+    def stand_down(self) -> None:
+        """Stop without telling the other ranks (all of them raise the same preflight error)."""
+        self._ask("quiet", word=b"q", wait=self.timeout)
+
+    def _at_exit(self) -> None:
+        """An exit without finish(): a Python error (its traceback is in this log) or sys.exit. Tell the others
+        now instead of letting them wait for the timeout."""
+        if self._request is None:
+            err = getattr(sys, "last_value", None)  # set by the interpreter for an uncaught exception
+            why = (f"{type(err).__name__}: {err}".rstrip(": ") if err is not None
+                   else "exited without finishing (see its log)")
+            self._ask("fail", f"{self._peer(self.rank)} failed: {why}", word=b"e", wait=10)
+
+    def _ask(self, *request, word: bytes, wait: float) -> None:
+        self._settle(word)
         self._request = request
         self._wake.set()
         self._handled.wait(wait)
 
-    def _settle(self) -> None:
-        """Tell the death reporter this rank ends knowingly (it then stays silent)."""
-        with self._settling:  # the main thread and the watchdog thread may both get here
+    def _settle(self, word: bytes) -> None:
+        """Tell the death reporter how this rank ends (it then stays silent)."""
+        with self._settling:  # the main and the watchdog thread may both get here
             if self._report_fd >= 0:
-                os.write(self._report_fd, b"x")
+                os.write(self._report_fd, word)
                 os.close(self._report_fd)
                 _close_in_children.discard(self._report_fd)
                 self._report_fd = -1
-
-    def finish(self) -> None:
-        """A clean end of this rank. Rank 0 hosts the store, so it waits (bounded) until the others are done."""
-        self._ask("finish", wait=self.timeout + 10)
-
-    def stand_down(self) -> None:
-        """Stop watching without telling the other ranks (all of them raise the same preflight error)."""
-        self._ask("quiet", wait=self.timeout)
-
-    def _at_exit(self) -> None:
-        """An exit without finish(): a Python error (its traceback is in this log) or sys.exit. Tell the others
-        now rather than letting them wait for the timeout."""
-        if self._request is None:
-            err = getattr(sys, "last_value", None)  # set by the interpreter for an uncaught exception
-            why = f"{type(err).__name__}: {err}" if err is not None else "exited without finishing (see its log)"
-            self._ask("fail", f"{self._peer(self.rank)} failed: {why}", wait=10)
 
     # ---------------------------------------------------------------------------------------- watchdog thread
     def _connect(self) -> None:
         from paddle.base import core
 
-        # An own connection: the process group's store client is not safe to share across threads.
-        host, port = _master_endpoint()
+        host, port = _master_endpoint()  # an own client: the process group's is not safe to share across threads
         self._store = core.TCPStore(host, port, False, 0, 10)
 
     def _call(self, op: str, key: str, *value):
         """A store call; a failed one is retried once on a fresh connection (the old one may be mid-reply)."""
-        for attempt in (0, 1):
-            try:
-                return getattr(self._store, op)(key, *value)
-            except (ValueError, RuntimeError, OSError) as e:  # what paddle's store raises
-                if attempt:
-                    raise
-                logger.warning("watchdog: store call failed (%s): reconnecting", e)
-                self._connect()
+        try:
+            return getattr(self._store, op)(key, *value)
+        except STORE_ERRORS as e:
+            logger.warning("watchdog: store call failed (%s): reconnecting", e)
+            self._connect()
+            return getattr(self._store, op)(key, *value)
 
     def _loop(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
@@ -367,15 +290,17 @@ class RankWatchdog:
             if self._request[0] == "fail":
                 self._call("set", self._key("abort_msg"), self._request[1].encode())
                 self._call("add", self._key("abort"), 1)
+                if self.rank == 0:  # the store dies with this process: let the others read why first
+                    time.sleep(1.5 * self.interval)
             elif self._request[0] == "finish":
                 self._call("add", self._key("done", self.rank), 1)
                 deadline = time.monotonic() + self.timeout
-                while watched and self.rank == 0 and time.monotonic() < deadline:
+                while self.rank == 0 and watched and time.monotonic() < deadline:
                     watched = [p for p in watched if self._call("add", self._key("done", p), 0) == 0]
                     time.sleep(0.2 if watched else 0)
-                if watched and self.rank == 0:
+                if self.rank == 0 and watched:
                     logger.warning("ranks %s did not finish within %.0f s after rank 0", watched, self.timeout)
-        except (ValueError, RuntimeError, OSError) as e:
+        except STORE_ERRORS as e:
             if self._request is None:
                 self._die(f"lost the job's store on {self._peer(0)}: rank 0 died or its node is unreachable ({e})")
             logger.error("watchdog: could not tell the other ranks (%s)", e)
@@ -414,7 +339,7 @@ class RankWatchdog:
             threading.Event().wait()
         logger.error("JOB WATCHDOG (rank %d): %s. Ending this rank (exit %d) so that the launcher stops the job "
                      "instead of waiting in a collective.", self.rank, message, PEER_LOST_EXIT_CODE)
-        self._settle()
+        self._settle(b"w")
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(PEER_LOST_EXIT_CODE)  # the main thread may be blocked in C++: no exception could reach it
@@ -431,7 +356,7 @@ def _master_endpoint():
 
 @dataclass
 class JobGuard:
-    """Returned by rank_preflight; call finish() once training and saving are done."""
+    """Returned by rank_preflight; finish() once training and saving are done."""
 
     watchdog: Optional[RankWatchdog]
 
@@ -447,18 +372,17 @@ _close_in_children: set = set()  # fds a forked child must not inherit (the deat
 
 
 def install_worker_reaper() -> None:
-    """Make processes forked by this rank's main thread (paddle DataLoader workers) die with it. Without it a
-    SIGKILLed rank leaves its workers blocked forever on a full queue, holding /dev/shm and the rank's
-    sockets (which also hides the death from the other ranks). Linux only; forks from other threads are left
-    alone, since PR_SET_PDEATHSIG fires when the forking *thread* ends."""
+    """Processes forked by this rank's main thread (paddle DataLoader workers) die with it. Without this, a
+    SIGKILLed rank leaves its workers blocked forever on a full queue, holding /dev/shm and the rank's sockets
+    (which also hides the death from the other ranks). Linux only; forks from other threads are left alone, as
+    PR_SET_PDEATHSIG fires when the forking *thread* ends."""
     global _reaper_installed
     if _reaper_installed or not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(None, use_errno=True)
 
     def before() -> None:
-        _fork_parent["pid"] = os.getpid()
-        _fork_parent["main_thread"] = threading.current_thread() is threading.main_thread()
+        _fork_parent.update(pid=os.getpid(), main_thread=threading.current_thread() is threading.main_thread())
 
     def in_child() -> None:
         for fd in _close_in_children:
