@@ -7,13 +7,11 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
 
-from paddlenlp.trainer import PdArgumentParser, set_seed
+from paddlenlp.trainer import set_seed
 from paddlenlp.transformers import CLIPTokenizer
 
-from sd.args import DataArguments, ModelArguments, SDTrainingArguments
+from sd.args import parse_train_args
 from sd.device import resolve_model_features
 from sd.model import LatentDiffusionModel
 from trainer.callbacks import BenchmarkCallback, EMACallback, ImageLoggingCallback, ProfilerCallback
@@ -31,6 +29,8 @@ def build_trainer(model_args, data_args, training_args) -> StreamingTrainer:
         model.enable_recompute()
     if model_args.enable_xformers_memory_efficient_attention:
         model.enable_memory_efficient_attention()
+    if model_args.use_fused_linear:
+        model.enable_fused_linear()
     tokenizer = CLIPTokenizer.from_pretrained(model_args.tokenizer_path, model_max_length=model_args.model_max_length)
     dataset = build_dataset(data_args, training_args, tokenizer, model_args.model_max_length)
     logger.info("data: %s", dataset.describe())
@@ -51,15 +51,8 @@ def build_trainer(model_args, data_args, training_args) -> StreamingTrainer:
     return trainer
 
 
-def parse(argv=None):
-    parser = PdArgumentParser((ModelArguments, DataArguments, SDTrainingArguments))
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    return parser.parse_args_into_dataclasses(args=argv)
-
-
 def main(argv=None):
-    model_args, data_args, training_args = parse(argv)
+    model_args, data_args, training_args = parse_train_args(argv)
     setup_logging(training_args.notices + resolve_model_features(model_args))
     if not training_args.do_train:
         raise SystemExit("nothing to do: pass --do_train (as the reference's command does)")

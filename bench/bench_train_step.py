@@ -43,6 +43,7 @@ class StepTimer:
 def recipe_times(file_list, out_dir, opts):
     import train as train_entry
     from paddlenlp.trainer import set_seed
+    from sd.args import parse_train_args
 
     argv = ["--do_train", "--pretrained_model_name_or_path", os.path.join(ROOT, "sd", "tiny_init"),
             "--file_list", file_list, "--output_dir", out_dir, "--resolution", "32", "--center_crop", "True",
@@ -50,7 +51,7 @@ def recipe_times(file_list, out_dir, opts):
             "--max_steps", str(opts.steps), "--logging_steps", "10", "--image_logging_steps", "0",
             "--save_steps", str(10 * opts.steps), "--dataloader_num_workers", str(opts.workers), "--seed", "23",
             "--disable_tqdm", "True", "--report_to", "none"]
-    model_args, data_args, training_args = train_entry.parse(argv)
+    model_args, data_args, training_args = parse_train_args(argv)
     set_seed(training_args.seed)
     trainer = train_entry.build_trainer(model_args, data_args, training_args)
     timer = StepTimer()

@@ -204,14 +204,9 @@ def parse_train(train_argv: List[str]):
     """train.py's own dataclasses and parser, so that a bad flag is caught before N processes start."""
     for name in DIST_ENV:
         os.environ.pop(name, None)
-    from paddlenlp.trainer import PdArgumentParser
+    from sd.args import parse_train_args
 
-    from sd.args import DataArguments, ModelArguments, SDTrainingArguments
-
-    parser = PdArgumentParser((ModelArguments, DataArguments, SDTrainingArguments))
-    if len(train_argv) == 1 and train_argv[0].endswith(".json"):  # train.py's json form
-        return parser.parse_json_file(os.path.abspath(train_argv[0]))
-    return parser.parse_args_into_dataclasses(args=train_argv)
+    return parse_train_args(train_argv)
 
 
 def node_ip(plan: LaunchPlan) -> str:

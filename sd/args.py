@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from paddlenlp.trainer import TrainingArguments
+from paddlenlp.trainer import PdArgumentParser, TrainingArguments
 
 logger = logging.getLogger("sd")
 
@@ -167,3 +168,13 @@ class SDTrainingArguments(TrainingArguments):
 
         self.notices.extend(resolve_precision(self))
         super().__post_init__()
+
+
+def parse_train_args(argv: Optional[List[str]] = None):
+    """(ModelArguments, DataArguments, SDTrainingArguments) from command-line flags (default sys.argv[1:]), or
+    from a single .json argument holding them. train.py and scripts/preflight.py both parse through here."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = PdArgumentParser((ModelArguments, DataArguments, SDTrainingArguments))
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)

@@ -12,6 +12,7 @@ import os
 
 import paddle
 from paddle import nn
+from paddle.incubate.nn.functional import fused_linear
 from ppdiffusers.transformers import CLIPTextModel  # the class StableDiffusionPipeline expects (.dtype etc.)
 from ppdiffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from ppdiffusers.models.ema import LitEma
@@ -22,6 +23,15 @@ from ppdiffusers.training_utils import freeze_params
 from sd import losses
 
 logger = logging.getLogger("sd")
+
+
+class FusedLinearForward:
+    """Mixin giving a linear layer the fused forward; a LoRA layer, when one is set, keeps the original path."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if getattr(self, "lora_layer", None) is not None:
+            return super().forward(hidden_states, *args, **kwargs)
+        return fused_linear(hidden_states, self.weight, self.bias)
 
 
 def zero_init_unet(unet: UNet2DConditionModel) -> None:
@@ -160,6 +170,23 @@ class LatentDiffusionModel(nn.Layer):
         self.unet.enable_gradient_checkpointing()
         if self.train_text_encoder and hasattr(self.text_encoder, "gradient_checkpointing_enable"):
             self.text_encoder.gradient_checkpointing_enable()
+
+    def enable_fused_linear(self) -> int:
+        """Run the UNet's linear layers (nn.Linear and ppdiffusers' LoRACompatibleLinear subclass) through
+        paddle.incubate's fused_linear (matmul + bias in one CUDA kernel). The layers and their parameters stay as
+        they are, only their class gains the fused forward; the reference monkeypatched paddle.nn.Linear at import
+        instead. Needs CUDA (sd/device.py switches the flag off elsewhere). Returns the number of layers."""
+        fused_classes = {}
+        count = 0
+        for _, layer in self.unet.named_sublayers():
+            if isinstance(layer, nn.Linear) and not isinstance(layer, FusedLinearForward):
+                cls = type(layer)
+                if cls not in fused_classes:
+                    fused_classes[cls] = type(f"Fused{cls.__name__}", (FusedLinearForward, cls), {})
+                layer.__class__ = fused_classes[cls]
+                count += 1
+        logger.info("fused linear: %d linear layers of the UNet run through fused_linear", count)
+        return count
 
     def enable_memory_efficient_attention(self) -> None:
         self.unet.enable_xformers_memory_efficient_attention()

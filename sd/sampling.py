@@ -1,12 +1,9 @@
-"""Sampling with ppdiffusers' StableDiffusionPipeline, shared by the training-time image logging and eval.py.
-
-Scheduler names follow eval.py's --scheduler flag. Every draw uses a seeded paddle.Generator, so samples are
-reproducible. On CPU, ppdiffusers' paddle.Generator().manual_seed() reseeds paddle's *global* generator: callers
-inside training save and restore the RNG state around sampling (trainer/callbacks.py does).
-"""
+"""Pipeline building blocks shared by the training-time image logging and eval.py: sampling schedulers by name,
+the pipeline from in-memory components, VAE round trips and image grids. The seeded sampling loop itself is
+sd/evaluation.sample_images (per-image numpy latents, independent of batching)."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import numpy as np
 import paddle
@@ -45,18 +42,6 @@ def make_pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffus
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-@paddle.no_grad()
-def generate(pipe: StableDiffusionPipeline, prompts: Sequence[str], guidance_scale: float, seed: int,
-             height: int, width: int, num_inference_steps: int, negative_prompt=None,
-             num_images_per_prompt: int = 1) -> List[Image.Image]:
-    """Images for `prompts` (num_images_per_prompt each, prompt-major), from one seeded generator."""
-    generator = paddle.Generator().manual_seed(seed)
-    out = pipe(list(prompts), height=height, width=width, num_inference_steps=num_inference_steps,
-               guidance_scale=guidance_scale, negative_prompt=negative_prompt, generator=generator,
-               num_images_per_prompt=num_images_per_prompt, output_type="pil")
-    return out.images
 
 
 @paddle.no_grad()

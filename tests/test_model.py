@@ -77,3 +77,21 @@ def test_sample_keys_make_the_loss_reproducible(model):
     keys = [(1, 0, 0), (1, 0, 1)]
     assert float(model(**b, sample_keys=keys)) == float(model(**b, sample_keys=keys))
     assert float(model(**b, sample_keys=keys)) != float(model(**b, sample_keys=[(1, 1, 0), (1, 1, 1)]))
+
+
+def test_fused_linear_keeps_layers_and_parameters():
+    """The switch itself (the fused kernel needs CUDA, so no forward here): every linear layer of the UNet gains
+    the fused forward, keeping its parameters, so the optimizer and checkpoints see no difference."""
+    from paddle import nn
+
+    from sd.model import FusedLinearForward
+
+    m = LatentDiffusionModel.from_args(ModelArguments(pretrained_model_name_or_path=TINY_INIT))
+    linears = [n for n, l in m.unet.named_sublayers() if isinstance(l, nn.Linear)]
+    before = dict(m.unet.named_parameters())
+    assert m.enable_fused_linear() == len(linears) > 0
+    after = dict(m.unet.named_parameters())
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    layers = dict(m.unet.named_sublayers())
+    assert all(isinstance(layers[n], FusedLinearForward) and isinstance(layers[n], nn.Linear) for n in linears)
+    assert m.enable_fused_linear() == 0  # idempotent

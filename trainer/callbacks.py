@@ -12,6 +12,7 @@ from paddlenlp.trainer import TrainerCallback
 from paddlenlp.trainer.integrations import VisualDLCallback
 
 from sd import sampling
+from sd.evaluation import SamplingConfig, sample_images
 
 logger = logging.getLogger("sd")
 
@@ -77,11 +78,14 @@ class ImageLoggingCallback(TrainerCallback):
                 recon = sampling.reconstruct(model.vae, self.recon_batch)
                 panels["reconstruction"] = sampling.grid(list(orig) + list(recon), cols=len(orig))
             scheduler = sampling.make_scheduler("ddim", model.noise_scheduler.config)
+            config = SamplingConfig(scheduler="ddim", num_inference_steps=self.steps,
+                                    guidance_scales=list(self.GUIDANCE), seed=self.seed, batch_size=len(self.prompts))
             with model.ema_scope():
                 pipe = sampling.make_pipeline(model.vae, model.text_encoder, self.tokenizer, model.unet, scheduler)
                 for g in self.GUIDANCE:
-                    images = sampling.generate(pipe, self.prompts, g, self.seed, self.resolution, self.resolution,
-                                               self.steps)
+                    per_prompt = sample_images(pipe, self.prompts, range(len(self.prompts)), config, g,
+                                               self.resolution, self.resolution)
+                    images = [imgs[0] for imgs in per_prompt]
                     panels[f"samples_cfg{g:g}"] = sampling.grid(images, cols=len(images))
         finally:
             if was_training:
