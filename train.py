@@ -31,6 +31,8 @@ def build_trainer(model_args, data_args, training_args) -> StreamingTrainer:
         model.enable_memory_efficient_attention()
     if model_args.use_fused_linear:
         model.enable_fused_linear()
+    if training_args.static_unet:
+        model.compile_unet()
     tokenizer = CLIPTokenizer.from_pretrained(model_args.tokenizer_path, model_max_length=model_args.model_max_length)
     dataset = build_dataset(data_args, training_args, tokenizer, model_args.model_max_length)
     logger.info("data: %s", dataset.describe())

@@ -152,11 +152,15 @@ class SDTrainingArguments(TrainingArguments):
     lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning rate schedule."})
 
     notices: List[str] = field(default_factory=list, init=False)
+    static_unet: bool = field(default=False, init=False)
 
     def __post_init__(self):
         # Our loader restores its own exact position from the checkpoint; the Trainer's skip-by-iterating would
         # re-read data for nothing (and for an infinite stream, forever).
         self.ignore_data_skip = True
+        # The Trainer's to_static would capture the whole wrapper, whose keyed random draws are host-side numpy;
+        # the recipe compiles the UNet instead (sd/model.py compile_unet).
+        self.static_unet, self.to_static = bool(self.to_static), False
         if self.image_logging_steps < 0:
             raise ValueError(f"--image_logging_steps must be >= 0, got {self.image_logging_steps}")
         if self.image_logging_steps and self.logging_steps and self.image_logging_steps % self.logging_steps:

@@ -64,6 +64,7 @@ def load_unet(model_args) -> UNet2DConditionModel:
 
 
 class LatentDiffusionModel(nn.Layer):
+    uses_sample_keys = True  # forward() takes the Trainer's per-sample keys for its random draws
     def __init__(self, model_args, vae: AutoencoderKL, text_encoder: CLIPTextModel,
                  unet: UNet2DConditionModel, noise_scheduler: DDPMScheduler):
         super().__init__()
@@ -187,6 +188,12 @@ class LatentDiffusionModel(nn.Layer):
                 count += 1
         logger.info("fused linear: %d linear layers of the UNet run through fused_linear", count)
         return count
+
+    def compile_unet(self) -> None:
+        """--to_static: the UNet, where the compute is, runs as a static graph (compiled at its first call). The
+        wrapper stays dynamic: its per-sample keyed draws are host-side numpy, which graph capture cannot trace."""
+        self.unet = paddle.jit.to_static(self.unet)
+        logger.info("to_static: the UNet runs as a static graph (compiled at the first step)")
 
     def enable_memory_efficient_attention(self) -> None:
         self.unet.enable_xformers_memory_efficient_attention()

@@ -106,3 +106,13 @@ def test_train_sh_aliases_and_explicit_flag_wins():
     bad = subprocess.run(["sh", "train.sh", "--max_steps", "3"], capture_output=True, text=True, cwd=ROOT,
                          env={**env, "FLAG_RECOMPUTE": "yes"})
     assert bad.returncode == 2 and "FLAG_RECOMPUTE must be 0 or 1" in bad.stderr
+
+
+def test_to_static_unet_and_benchmark_figures(tmp_path, demo_file_list):
+    out = tmp_path / "static"
+    proc = train(out, demo_file_list, "--max_steps", "3", "--save_steps", "3", "--image_logging_steps", "0",
+                 "--to_static", "True", "--benchmark", "True", "--report_to", "none")
+    log = proc.stdout + proc.stderr
+    assert "to_static: the UNet runs as a static graph" in log
+    assert "benchmark: step 2 ips" in log and "reader_cost" in log and "peak_mem" in log
+    assert (out / "checkpoint-3" / "unet" / "config.json").exists()

@@ -9,7 +9,6 @@ What it adds to the Trainer, and nothing more:
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -72,7 +71,7 @@ class StreamingTrainer(Trainer):
         self.loader_tracker: Optional[LoaderStateTracker] = None
         self._rng_checkpoint: Optional[str] = None
         self._micro_step = 0
-        self.uses_sample_keys = "sample_keys" in inspect.signature(self.model.forward).parameters
+        self.uses_sample_keys = getattr(self.model, "uses_sample_keys", False)
 
     # ------------------------------------------------------------------------------------------ data
     def get_train_dataloader(self):
