@@ -147,3 +147,9 @@ def test_bad_records_are_skipped_counted_and_logged(tmp_path):
     bad_base64 = [int(n) for n in re.findall(r"data_skipped_bad_base64: (\d+)", log)]
     assert bad_image and bad_image[-1] >= 3 and bad_base64 and bad_base64[-1] >= 1, log[-3000:]
     assert "part-000001:28: Only base64 data is allowed" in log  # the warning names the part and line
+
+
+def test_reference_entry_name_is_an_alias(tmp_path):
+    proc = subprocess.run([PY, "train_txt2img_laion400m_trainer.py", "--help"], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 0 and "--unet_name_or_path" in proc.stdout and "--file_list" in proc.stdout
