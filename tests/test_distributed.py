@@ -345,7 +345,10 @@ def test_a_hung_rank_is_named_by_the_watchdog_and_the_job_ends(tmp_path, same_im
     assert code0 != 0 and jobs.wait(procs[1], 40, str(tmp_path / "node1.out")) != 0
     node0, node1 = read(tmp_path / "node0.out"), read(tmp_path / "node1.out")
     assert "JOB WATCHDOG (rank 0): rank 1 on" in node0 and "sent no heartbeat for" in node0
-    assert "JOB WATCHDOG (rank 1):" in node1 or "JOB: rank 1 of 2 on" in node1
+    # Woken, rank 1 is ended by its own watchdog, by the death reporter, or first by gloo's own timeout on the
+    # collective it was frozen in (seen in CI): each names the ranks involved.
+    assert ("JOB WATCHDOG (rank 1):" in node1 or "JOB: rank 1 of 2 on" in node1
+            or "TIMEOUT self_rank = 1 pair_rank = 0" in node1), node1[-3000:]
 
 
 def test_output_dir_that_is_not_shared_stops_every_rank_with_a_clear_error(tmp_path, same_image_data, jobs):
