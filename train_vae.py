@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from itertools import islice
 
 import paddle
-from paddlenlp.trainer import PdArgumentParser, set_seed
+from paddlenlp.trainer import set_seed
 
 from sd import sampling
-from sd.args import DataArguments, SDTrainingArguments
+from sd.args import DataArguments, SDTrainingArguments, parse_args
 from sd.vae_model import VAEArguments, VAEModel, measure
 from trainer.entry import build_dataset, resolve_checkpoint, setup_logging
 from trainer.streaming_trainer import StreamingTrainer
@@ -60,11 +59,7 @@ def finish(model: VAEModel, data_args, training_args, vae_args) -> dict:
 
 
 def main(argv=None):
-    parser = PdArgumentParser((VAEArguments, DataArguments, SDTrainingArguments))
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        vae_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    else:
-        vae_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    vae_args, data_args, training_args = parse_args((VAEArguments, DataArguments, SDTrainingArguments), argv)
     training_args.image_logging_steps = 0  # UNet samples do not apply; the stage ends with its own grid
     setup_logging(training_args.notices)
     checkpoint = resolve_checkpoint(training_args)

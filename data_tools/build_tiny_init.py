@@ -30,21 +30,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNET_TINY_CONFIG = os.path.join(ROOT, "sd", "configs", "unet_tiny.json")
 VAE_TINY_CONFIG = os.path.join(ROOT, "sd", "configs", "vae_tiny.json")
 
-# SD v1's training noise schedule. set_alpha_to_one / skip_prk_steps are not DDPM arguments (they are ignored by
-# DDPMScheduler) but make DDIMScheduler/PNDMScheduler.from_config(this) reproduce SD v1's samplers.
-SCHEDULER_CONFIG: Dict[str, Any] = {
-    "_class_name": "DDPMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
+# SD v1's training noise schedule (sd/model.py falls back to the same file). set_alpha_to_one / skip_prk_steps are
+# not DDPM arguments (DDPMScheduler ignores them) but make DDIMScheduler/PNDMScheduler.from_config(it) reproduce
+# SD v1's samplers.
+SCHEDULER_SD_V1 = os.path.join(ROOT, "sd", "configs", "scheduler_sd_v1.json")
 
 MODEL_INDEX: Dict[str, Any] = {
     "_class_name": "StableDiffusionPipeline",
@@ -194,11 +183,15 @@ def build_tiny_init(cfg: TinyInitConfig) -> str:
     _build_text_encoder(cfg.text_encoder, cfg.seed, os.path.join(stage, "text_encoder"))
     if cfg.vae_dir is not None:
         vae_cfg = _copy_vae(cfg.vae_dir, os.path.join(stage, "vae"))
+        # train_vae.py writes its measurements (PSNR, latent scale) beside vae/: they travel with the weights.
+        report = os.path.join(os.path.dirname(os.path.abspath(cfg.vae_dir)), "vae_report.json")
+        if os.path.isfile(report):
+            shutil.copyfile(report, os.path.join(stage, "vae_report.json"))
     else:
         vae_cfg = _build_vae(cfg.vae_config, cfg.seed, os.path.join(stage, "vae"))
     check_compatible(unet_cfg, vae_cfg, cfg.text_encoder.hidden_size, where=cfg.unet_config)
     os.makedirs(os.path.join(stage, "scheduler"))
-    _write_json(os.path.join(stage, "scheduler", "scheduler_config.json"), SCHEDULER_CONFIG)
+    shutil.copyfile(SCHEDULER_SD_V1, os.path.join(stage, "scheduler", "scheduler_config.json"))
     _write_json(os.path.join(stage, "unet_config.json"), unet_cfg)
     _write_json(os.path.join(stage, "model_index.json"), MODEL_INDEX)
 

@@ -25,7 +25,8 @@ from data_tools.part_format import (DATA_DIR_NAME, FILELIST_DIR_NAME, manifest_p
 
 JOURNAL_VERSION = 1
 DATA_FORMAT = "laion400m"
-# part_format.part_name() writes part-%06d[.gz]; ".tmp" is the name a part has while it is being written.
+
+
 class CreateDataError(Exception):
     """A fatal problem with the run as a whole (input, output folder, arguments); the CLI exits non-zero."""
 

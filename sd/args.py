@@ -174,11 +174,16 @@ class SDTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
-def parse_train_args(argv: Optional[List[str]] = None):
-    """(ModelArguments, DataArguments, SDTrainingArguments) from command-line flags (default sys.argv[1:]), or
-    from a single .json argument holding them. train.py and scripts/preflight.py both parse through here."""
+def parse_args(dataclass_types, argv: Optional[List[str]] = None):
+    """The dataclasses of an entry point from command-line flags (default sys.argv[1:]), or from a single .json
+    argument holding them. train.py, train_vae.py and scripts/preflight.py all parse through here."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = PdArgumentParser((ModelArguments, DataArguments, SDTrainingArguments))
+    parser = PdArgumentParser(dataclass_types)
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(os.path.abspath(argv[0]))
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def parse_train_args(argv: Optional[List[str]] = None):
+    """(ModelArguments, DataArguments, SDTrainingArguments) of train.py."""
+    return parse_args((ModelArguments, DataArguments, SDTrainingArguments), argv)

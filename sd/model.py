@@ -24,6 +24,8 @@ from sd import losses
 
 logger = logging.getLogger("sd")
 
+SCHEDULER_SD_V1 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "scheduler_sd_v1.json")
+
 
 class FusedLinearForward:
     """Mixin giving a linear layer the fused forward; a LoRA layer, when one is set, keeps the original path."""
@@ -65,6 +67,7 @@ def load_unet(model_args) -> UNet2DConditionModel:
 
 class LatentDiffusionModel(nn.Layer):
     uses_sample_keys = True  # forward() takes the Trainer's per-sample keys for its random draws
+
     def __init__(self, model_args, vae: AutoencoderKL, text_encoder: CLIPTextModel,
                  unet: UNet2DConditionModel, noise_scheduler: DDPMScheduler):
         super().__init__()
@@ -96,10 +99,9 @@ class LatentDiffusionModel(nn.Layer):
         if model_args.scheduler_path:  # the folder's own schedule (clip_sample, steps_offset, ...) is kept
             scheduler = DDPMScheduler.from_pretrained(model_args.scheduler_path,
                                                       prediction_type=model_args.prediction_type)
-        else:  # SD v1's schedule
-            scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                      num_train_timesteps=1000, steps_offset=1, clip_sample=False,
-                                      set_alpha_to_one=False, prediction_type=model_args.prediction_type)
+        else:  # SD v1's schedule, as the tiny init folder has it
+            with open(SCHEDULER_SD_V1, encoding="utf-8") as f:
+                scheduler = DDPMScheduler.from_config(json.load(f), prediction_type=model_args.prediction_type)
         return cls(model_args, vae, text_encoder, unet, scheduler)
 
     def train(self):
