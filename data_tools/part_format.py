@@ -12,7 +12,6 @@ change of format is made here once. Gzip is recognised by its magic bytes, never
 """
 from __future__ import annotations
 
-import base64
 import binascii
 import gzip
 import json
@@ -21,6 +20,8 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from typing import IO, Iterator, List, Optional, Tuple
+
+import pybase64  # same bytes and the same strict validation as binascii, ~40x faster on image fields
 
 try:  # ISA-L gzip: same format as zlib's, ~10x faster to compress base64 JPEG (bench/bench_create_data.py)
     from isal import igzip as _gzip_impl
@@ -59,7 +60,7 @@ def sanitize_caption(caption: str) -> str:
 def encode_record(caption: str, image_bytes: bytes) -> bytes:
     """One laion400m line (with trailing newline), UTF-8. The caption is sanitized here so that no caller can
     write a broken record."""
-    b64 = base64.b64encode(image_bytes)
+    b64 = pybase64.b64encode(image_bytes)
     return sanitize_caption(caption).encode("utf-8") + b"\t" + PLACEHOLDER.encode() + b"\t" + b64 + b"\n"
 
 
@@ -74,19 +75,33 @@ def decode_text(raw: bytes) -> str:
             raise RecordError("bad_encoding", str(e)) from None
 
 
+def _base64_error_detail(b64: bytes, error: Exception) -> str:
+    """pybase64 says only 'Non-base64 digit found'; binascii's strict mode says what is wrong (padding, excess
+    data, a bad character). Run on the error path only, so its cost does not matter."""
+    try:
+        binascii.a2b_base64(b64, strict_mode=True)
+    except (binascii.Error, ValueError) as e:
+        return str(e)
+    return str(error)
+
+
 def parse_record(raw: bytes, data_format: str) -> Tuple[str, bytes]:
-    """(caption, image bytes) from one line of a part. Raises RecordError with a reason key."""
-    line = decode_text(raw.rstrip(b"\r\n"))
-    fields = line.split("\t")
+    """(caption, image bytes) from one line of a part. Raises RecordError with a reason key.
+
+    The line is split as bytes and only the text fields are decoded: the base64 field is ASCII and by far the
+    largest, and decoding it to str and back cost more than the base64 decode itself (0.43 ms of a 160 KB
+    line, bench/bench_loader.py). Splitting on the TAB byte is safe in both encodings: neither UTF-8 nor
+    gb18030 uses 0x09 inside a multi-byte character."""
+    fields = raw.rstrip(b"\r\n").split(b"\t")
     if data_format == "laion400m":
         if len(fields) < 3:
             raise RecordError("bad_fields", f"expected 3 tab-separated fields, got {len(fields)}")
-        caption, b64 = fields[0], fields[2]
+        caption, b64 = decode_text(fields[0]), fields[2]
     elif data_format == "laion_aes":
         if len(fields) < 6:
             raise RecordError("bad_fields", f"expected at least 6 tab-separated fields, got {len(fields)}")
         try:
-            meta = json.loads(fields[2])
+            meta = json.loads(decode_text(fields[2]))
         except json.JSONDecodeError as e:
             raise RecordError("bad_json", str(e)) from None
         caption = (meta.get("caption_en") or meta.get("blip_caption_en")) if isinstance(meta, dict) else None
@@ -96,9 +111,9 @@ def parse_record(raw: bytes, data_format: str) -> Tuple[str, bytes]:
     else:
         raise ValueError(f"unknown data_format {data_format!r}; expected one of {DATA_FORMATS}")
     try:
-        image = base64.b64decode(b64, validate=True)
+        image = pybase64.b64decode(b64, validate=True)  # non-base64 bytes (any non-ASCII too) raise here
     except (binascii.Error, ValueError) as e:
-        raise RecordError("bad_base64", str(e)) from None
+        raise RecordError("bad_base64", _base64_error_detail(b64, e)) from None
     if not image:
         raise RecordError("bad_base64", "empty image field")
     return caption, image

@@ -53,6 +53,9 @@ def test_truncated_gzip_part_keeps_the_good_lines_then_raises(tmp_path):
     (b"cap\tNONE\t!!notbase64!!\n", "bad_base64"),
     (b"cap\tNONE\t\n", "bad_base64"),
     (b"\xff\xfe\tNONE\tAAAA\n", "bad_encoding"),
+    (b"cap\tNONE\t\xff\xfeAAAA\n", "bad_base64"),  # only text fields are decoded as text
+    (b"cap\tNONE\tAAAA=AAA\n", "bad_base64"),  # strict: nothing after padding
+    (b"cap\tNONE\tAA AA\n", "bad_base64"),
 ])
 def test_bad_laion400m_lines_have_reasons(line, reason):
     with pytest.raises(pf.RecordError) as e:

@@ -46,7 +46,8 @@ class CropPlan:
     flip: bool
 
 
-def _open(image_bytes: bytes) -> Image.Image:
+def open_image(image_bytes: bytes) -> Image.Image:
+    """Header only (Pillow decodes lazily); RecordError('bad_image') when Pillow cannot identify it."""
     try:
         with warnings.catch_warnings():
             # DecompressionBombWarning is promoted to an error: a huge image is a bad record, not a warning
@@ -86,7 +87,7 @@ class ImageTransform:
     def probe(self, image_bytes: bytes) -> Tuple[int, int]:
         """(width, height) from the header only: cheap enough to run when a record enters the shuffle
         buffer, so too-small and unidentifiable images never take a buffer slot."""
-        img = _open(image_bytes)
+        img = open_image(image_bytes)
         w, h = img.size
         if w < 1 or h < 1:
             raise RecordError("bad_image", f"image size {w}x{h}")
@@ -112,32 +113,47 @@ class ImageTransform:
             left, top = left_r, top_r
         return CropPlan(left, top, bool(self.random_flip and flip_r < 0.5))
 
-    def __call__(self, image_bytes: bytes, rng: np.random.Generator,
-                 out: Optional[np.ndarray] = None) -> np.ndarray:
-        """float32 [3, R, R] in [-1, 1], written into `out` when given (a slot of the batch array, which
-        saves an allocation and the copy of stacking). Raises RecordError('bad_image' | 'too_small')."""
-        img = _open(image_bytes)
+    def decode(self, img: Image.Image) -> Image.Image:
+        """Pixels of an opened image as RGB; a JPEG much larger than the target is decoded at a 1/2^k draft
+        scale. Corrupt pixel data raises RecordError('bad_image') here."""
         w, h = img.size
-        if min(w, h) < self.min_image_size:
-            raise RecordError("too_small", f"{w}x{h} < min_image_size {self.min_image_size}")
-        plan = self.plan(w, h, rng)
-        r = self.resolution
-        rw, rh = self.resized_size(w, h)
         try:
-            if img.format == "JPEG" and min(w, h) >= 2 * r:
+            if img.format == "JPEG" and min(w, h) >= 2 * self.resolution:
                 # Ask for the resized size: Pillow picks the largest 1/2^k scale that keeps both sides >= it.
-                img.draft("RGB", (rw, rh))
-            dw, dh = img.size  # the decoded size after draft
-            img = _to_rgb(img)  # pixel data is decoded here or by resize: corrupt data raises in this try
-            # Crop box in decoded-image coordinates: resized coords * (decoded / resized).
-            sx, sy = dw / rw, dh / rh
-            # min(): (left + r) * dw / rw may land an ulp past dw; Pillow rejects boxes outside the image.
-            box = (plan.left * sx, plan.top * sy, min(dw, (plan.left + r) * sx), min(dh, (plan.top + r) * sy))
+                img.draft("RGB", self.resized_size(w, h))
+            img.load()
+            return _to_rgb(img)
+        except _PIL_ERRORS as e:
+            raise RecordError("bad_image", f"{type(e).__name__}: {e}") from None
+
+    def resize_crop(self, img: Image.Image, size: Tuple[int, int], plan: CropPlan) -> Image.Image:
+        """The R x R crop of `plan`, computed from the decoded `img` of an image whose original size is
+        `size`: only the crop box is resampled."""
+        r = self.resolution
+        rw, rh = self.resized_size(*size)
+        dw, dh = img.size  # the decoded size, after any draft
+        # Crop box in decoded-image coordinates: resized coords * (decoded / resized).
+        sx, sy = dw / rw, dh / rh
+        # min(): (left + r) * dw / rw may land an ulp past dw; Pillow rejects boxes outside the image.
+        box = (plan.left * sx, plan.top * sy, min(dw, (plan.left + r) * sx), min(dh, (plan.top + r) * sy))
+        try:
             out_img = img.resize((r, r), self.resample, box=box)
         except _PIL_ERRORS as e:
             raise RecordError("bad_image", f"{type(e).__name__}: {e}") from None
         if plan.flip:
             out_img = out_img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return out_img
+
+    def __call__(self, image_bytes: bytes, rng: np.random.Generator,
+                 out: Optional[np.ndarray] = None) -> np.ndarray:
+        """float32 [3, R, R] in [-1, 1], written into `out` when given (a slot of the batch array, which
+        saves an allocation and the copy of stacking). Raises RecordError('bad_image' | 'too_small')."""
+        img = open_image(image_bytes)
+        w, h = img.size
+        if min(w, h) < self.min_image_size:
+            raise RecordError("too_small", f"{w}x{h} < min_image_size {self.min_image_size}")
+        plan = self.plan(w, h, rng)
+        out_img = self.resize_crop(self.decode(img), (w, h), plan)
         chw = np.asarray(out_img, dtype=np.uint8).transpose(2, 0, 1)
         if out is None:
             out = np.empty(chw.shape, dtype=np.float32)
