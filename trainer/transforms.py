@@ -87,7 +87,10 @@ class ImageTransform:
     def probe(self, image_bytes: bytes) -> Tuple[int, int]:
         """(width, height) from the header only: cheap enough to run when a record enters the shuffle
         buffer, so too-small and unidentifiable images never take a buffer slot."""
-        img = open_image(image_bytes)
+        return self._checked_size(open_image(image_bytes))
+
+    def _checked_size(self, img: Image.Image) -> Tuple[int, int]:
+        """(width, height) of an opened image; RecordError('bad_image' | 'too_small') when it cannot be used."""
         w, h = img.size
         if w < 1 or h < 1:
             raise RecordError("bad_image", f"image size {w}x{h}")
@@ -149,9 +152,7 @@ class ImageTransform:
         """float32 [3, R, R] in [-1, 1], written into `out` when given (a slot of the batch array, which
         saves an allocation and the copy of stacking). Raises RecordError('bad_image' | 'too_small')."""
         img = open_image(image_bytes)
-        w, h = img.size
-        if min(w, h) < self.min_image_size:
-            raise RecordError("too_small", f"{w}x{h} < min_image_size {self.min_image_size}")
+        w, h = self._checked_size(img)
         plan = self.plan(w, h, rng)
         out_img = self.resize_crop(self.decode(img), (w, h), plan)
         chw = np.asarray(out_img, dtype=np.uint8).transpose(2, 0, 1)
