@@ -138,7 +138,7 @@ def test_random_crop_flip_and_min_size():
     assert np.array_equal(a[:, :, ::-1], b)  # same crop, mirrored
     assert np.array_equal(plain(data, np.random.default_rng(k)), a)  # deterministic for the same rng
     with pytest.raises(RecordError) as e:
-        ImageTransform(16, min_image_size=25).probe(data)
+        ImageTransform(16, min_image_size=25).open_checked(data)
     assert e.value.reason == "too_small"
     for interp in ("bicubic", "bilinear", "nearest"):
         assert ImageTransform(16, interp)(data, np.random.default_rng(0)).shape == (3, 16, 16)

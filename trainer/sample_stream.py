@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from PIL import Image
 
 from data_tools.part_format import RecordError, iter_part_lines, parse_record
 from trainer.sharding import (WorkerLayout, buffer_pick, choose_source, keeps_line, sharding_mode,
@@ -40,6 +41,7 @@ class Record:
     caption: str
     image: bytes
     part_path: str
+    header: Optional[Image.Image] = None  # opened and checked at insertion (records re-read on resume: None)
 
 
 @dataclass
@@ -147,7 +149,7 @@ class SourceCursor:
                 continue
             try:
                 caption, image = parse_record(raw, self.spec.data_format)
-                self.transform.probe(image)
+                header = self.transform.open_checked(image)
             except RecordError as e:
                 self.skips.add(e.reason, f"{self._path}:{line_no + 1}: {e.detail}")
                 self.fails += 1
@@ -158,7 +160,7 @@ class SourceCursor:
                 continue
             self.fails = 0
             self.hits += 1
-            return Record((self.index, self.epoch, self._part_idx, line_no), caption, image, self._path)
+            return Record((self.index, self.epoch, self._part_idx, line_no), caption, image, self._path, header)
 
 
 def read_refs(sources: Sequence[SourceSpec], refs: Sequence[Ref]) -> Dict[Ref, Record]:
@@ -240,7 +242,8 @@ class WorkerStream:
             rng = np.random.default_rng([self.cfg.seed, TAG_SAMPLE, s, epoch, part, line])
             dropped = rng.random() < self.cfg.caption_dropout_prob
             try:
-                pixels = self.transform(rec.image, rng, out)
+                img = rec.header if rec.header is not None else self.transform.open_checked(rec.image)
+                pixels = self.transform.apply(img, rng, out)
             except RecordError as e:  # the header was fine at insertion, the pixel data is not
                 self.skips.add(e.reason, f"{rec.part_path}:{line + 1}: {e.detail}")
                 continue

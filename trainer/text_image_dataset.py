@@ -24,6 +24,7 @@ from data_tools.part_format import DATA_FORMATS, data_format_of, read_filelist_l
 from trainer.loader_state import LoaderStateTracker, ResumePlan, batch_state, fresh_plan, plan_resume
 from trainer.sample_stream import Sample, SourceSpec, StreamConfig, WorkerStream
 from trainer.sharding import WorkerLayout, sharding_mode
+from trainer.resample import single_thread_blas
 from trainer.transforms import INTERPOLATIONS, ImageTransform
 
 __all__ = ["LoaderConfig", "TextImageDataset", "build_dataloader", "LoaderStateTracker", "Sample"]
@@ -131,7 +132,9 @@ class TextImageDataset(paddle.io.IterableDataset):
         data_tools/inspect_data.py."""
         stream = self.open_stream(self._logical_worker() if logical_worker is None else logical_worker)
         while True:
-            yield stream.next_sample()
+            with single_thread_blas():
+                sample = stream.next_sample()
+            yield sample
 
     def tokenize(self, captions: List[str]) -> np.ndarray:
         L = self.config.model_max_length
@@ -152,7 +155,8 @@ class TextImageDataset(paddle.io.IterableDataset):
         while True:
             # A fresh array per batch (the consumer keeps the previous one); samples decode straight into it.
             pixels = np.empty((self.batch_size, 3, r, r), dtype=np.float32)
-            samples = [stream.next_sample(pixels[i]) for i in range(self.batch_size)]
+            with single_thread_blas():  # per batch, not around the yield: the consumer may be this process
+                samples = [stream.next_sample(pixels[i]) for i in range(self.batch_size)]
             batches += 1
             batch: Dict[str, Any] = {"pixel_values": pixels}
             if self.tokenizer is not None:

@@ -1,10 +1,12 @@
 """Image bytes -> normalized NCHW-ready float32 crop, with the cheap paths the reference did not take.
 
-Two savings over the reference's decode-everything, Resize-then-RandomCrop design:
+Three savings over the reference's decode-everything, Resize-then-RandomCrop, ToTensor, Normalize design:
 - JPEG draft decoding: libjpeg scales by 1/2, 1/4 or 1/8 inside the IDCT, chosen so that the shorter side
   stays >= the resolution, so a 900 px photo for a 256 px crop decodes at a quarter of the pixels.
 - Resize only the crop: the crop box is chosen in resized coordinates, mapped back to source coordinates,
-  and Pillow's `resize(box=...)` computes just the R x R output instead of the whole resized image.
+  and only the R x R output is computed instead of the whole resized image.
+- That resample is Pillow's filter computed as two blocked float32 matrix products (trainer/resample.py),
+  written straight into the batch slot already normalised: no 8-bit pass, no separate normalise pass.
 The crop geometry is computed from the original size, so it does not depend on whether draft applied.
 
 Mode conversion: images with transparency (RGBA, LA, PA, P with a transparency entry) are composited on
@@ -22,13 +24,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from data_tools.part_format import RecordError
+from trainer.resample import FILTERS, resample_crop
 
-INTERPOLATIONS = {
-    "lanczos": Image.Resampling.LANCZOS,
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "nearest": Image.Resampling.NEAREST,
-}
+INTERPOLATIONS = tuple(FILTERS)  # lanczos, bicubic, bilinear, nearest: Pillow's filters, see resample.py
 
 # Errors Pillow raises on corrupt or unsupported data (truncated streams are OSError, decompression bombs
 # are a DecompressionBombError, a ValueError subclass of Image's own). Listed, not `Exception`, so a bug in
@@ -79,15 +77,18 @@ class ImageTransform:
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation {interpolation!r} not in {sorted(INTERPOLATIONS)}")
         self.resolution = resolution
-        self.resample = INTERPOLATIONS[interpolation]
+        self.interpolation = interpolation
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.min_image_size = min_image_size
 
-    def probe(self, image_bytes: bytes) -> Tuple[int, int]:
-        """(width, height) from the header only: cheap enough to run when a record enters the shuffle
-        buffer, so too-small and unidentifiable images never take a buffer slot."""
-        return self._checked_size(open_image(image_bytes))
+    def open_checked(self, image_bytes: bytes) -> Image.Image:
+        """The image opened from its header only (pixels are decoded later, by `apply`): cheap enough to run
+        when a record enters the shuffle buffer, so too-small and unidentifiable images never take a buffer
+        slot, and the opened image is kept so the header is parsed once."""
+        img = open_image(image_bytes)
+        self._checked_size(img)
+        return img
 
     def _checked_size(self, img: Image.Image) -> Tuple[int, int]:
         """(width, height) of an opened image; RecordError('bad_image' | 'too_small') when it cannot be used."""
@@ -129,36 +130,29 @@ class ImageTransform:
         except _PIL_ERRORS as e:
             raise RecordError("bad_image", f"{type(e).__name__}: {e}") from None
 
-    def resize_crop(self, img: Image.Image, size: Tuple[int, int], plan: CropPlan) -> Image.Image:
-        """The R x R crop of `plan`, computed from the decoded `img` of an image whose original size is
-        `size`: only the crop box is resampled."""
+    def resize_crop(self, img: Image.Image, size: Tuple[int, int], plan: CropPlan,
+                    out: Optional[np.ndarray] = None) -> np.ndarray:
+        """The R x R crop of `plan` as float32 [3, R, R] in [-1, 1] (into `out` when given), computed from
+        the decoded RGB `img` of an image whose original size is `size`: only the crop box is resampled."""
         r = self.resolution
         rw, rh = self.resized_size(*size)
         dw, dh = img.size  # the decoded size, after any draft
         # Crop box in decoded-image coordinates: resized coords * (decoded / resized).
         sx, sy = dw / rw, dh / rh
-        # min(): (left + r) * dw / rw may land an ulp past dw; Pillow rejects boxes outside the image.
+        # min(): (left + r) * dw / rw may land an ulp past dw.
         box = (plan.left * sx, plan.top * sy, min(dw, (plan.left + r) * sx), min(dh, (plan.top + r) * sy))
-        try:
-            out_img = img.resize((r, r), self.resample, box=box)
-        except _PIL_ERRORS as e:
-            raise RecordError("bad_image", f"{type(e).__name__}: {e}") from None
-        if plan.flip:
-            out_img = out_img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return out_img
+        # Not wrapped in RecordError: the pixels are loaded by now, so an error here is a bug, not bad data.
+        return resample_crop(img, box, r, self.interpolation, plan.flip, out)
+
+    def apply(self, img: Image.Image, rng: np.random.Generator, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """float32 [3, R, R] in [-1, 1] from an image from `open_checked`, written into `out` when given (a
+        slot of the batch array, which saves an allocation and the copy of stacking). Raises
+        RecordError('bad_image') when the pixel data is corrupt."""
+        w, h = img.size
+        plan = self.plan(w, h, rng)
+        return self.resize_crop(self.decode(img), (w, h), plan, out)
 
     def __call__(self, image_bytes: bytes, rng: np.random.Generator,
                  out: Optional[np.ndarray] = None) -> np.ndarray:
-        """float32 [3, R, R] in [-1, 1], written into `out` when given (a slot of the batch array, which
-        saves an allocation and the copy of stacking). Raises RecordError('bad_image' | 'too_small')."""
-        img = open_image(image_bytes)
-        w, h = self._checked_size(img)
-        plan = self.plan(w, h, rng)
-        out_img = self.resize_crop(self.decode(img), (w, h), plan)
-        chw = np.asarray(out_img, dtype=np.uint8).transpose(2, 0, 1)
-        if out is None:
-            out = np.empty(chw.shape, dtype=np.float32)
-        # x / 127.5 - 1, in place in float32.
-        np.multiply(chw, np.float32(1.0 / 127.5), out=out, dtype=np.float32)
-        out -= np.float32(1.0)
-        return out
+        """`apply` on encoded bytes. Raises RecordError('bad_image' | 'too_small')."""
+        return self.apply(self.open_checked(image_bytes), rng, out)
