@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 from PIL import Image
-from threadpoolctl import threadpool_info
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from trainer.resample import FILTERS, _bicubic, _bilinear, _lanczos, axis_plan, num_blocks, resample_crop, \
     single_thread_blas
@@ -162,7 +162,8 @@ def test_single_thread_blas_limits_and_restores():
     def blas_threads():
         return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
 
-    before = blas_threads()
-    with single_thread_blas():
-        assert blas_threads() and all(n == 1 for n in blas_threads())
-    assert blas_threads() == before
+    with threadpool_limits(2, user_api="blas"):  # the suite runs with OMP_NUM_THREADS=1: start from 2
+        assert blas_threads() and all(n == 2 for n in blas_threads())
+        with single_thread_blas():
+            assert all(n == 1 for n in blas_threads())
+        assert all(n == 2 for n in blas_threads())
