@@ -19,7 +19,7 @@ import os
 import shlex
 import sys
 import time
-from typing import Callable, List
+from typing import List
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,12 +28,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.bench_loader import natural_jpeg  # noqa: E402
-from trainer.resample import num_blocks, resample_crop  # noqa: E402
+from trainer.resample import PILLOW_FILTERS, num_blocks, resample_crop  # noqa: E402
 from trainer.transforms import ImageTransform, open_image  # noqa: E402
-
-PIL_FILTERS = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC,
-               "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}
-
 
 def crops(resolution: int, n: int, seed: int) -> List[tuple]:
     """(decoded image, box in its pixels) pairs, as the loader would resample them."""
@@ -45,16 +41,12 @@ def crops(resolution: int, n: int, seed: int) -> List[tuple]:
         img = open_image(natural_jpeg(w, h, rng))
         plan = tf.plan(w, h, np.random.default_rng(i))
         decoded = tf.decode(img)
-        (rw, rh), (dw, dh) = tf.resized_size(w, h), decoded.size
-        sx, sy = dw / rw, dh / rh
-        box = (plan.left * sx, plan.top * sy, min(dw, (plan.left + resolution) * sx),
-               min(dh, (plan.top + resolution) * sy))
-        out.append((decoded, box))
+        out.append((decoded, tf.crop_box(decoded.size, (w, h), plan)))
     return out
 
 
 def pillow_crop(img: Image.Image, box, r: int, kind: str, out: np.ndarray) -> None:
-    chw = np.asarray(img.resize((r, r), PIL_FILTERS[kind], box=box), dtype=np.uint8).transpose(2, 0, 1)
+    chw = np.asarray(img.resize((r, r), PILLOW_FILTERS[kind], box=box), dtype=np.uint8).transpose(2, 0, 1)
     np.multiply(chw, np.float32(1.0 / 127.5), out=out, dtype=np.float32)
     out -= np.float32(1.0)
 
@@ -62,7 +54,7 @@ def pillow_crop(img: Image.Image, box, r: int, kind: str, out: np.ndarray) -> No
 def main(argv: List[str] = None) -> int:
     p = argparse.ArgumentParser(description="crop-box resample: resample.py vs Pillow")
     p.add_argument("--resolutions", type=int, nargs="+", default=[128, 256, 384, 512])
-    p.add_argument("--interpolation", default="lanczos", choices=sorted(PIL_FILTERS))
+    p.add_argument("--interpolation", default="lanczos", choices=sorted(PILLOW_FILTERS))
     p.add_argument("--blocks", type=int, nargs="+", default=[0], help="outputs per block; 0 = default")
     p.add_argument("--num_images", type=int, default=24)
     p.add_argument("--rounds", type=int, default=7)

@@ -8,11 +8,9 @@ import pytest
 from PIL import Image
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from trainer.resample import FILTERS, _bicubic, _bilinear, _lanczos, axis_plan, num_blocks, resample_crop, \
-    single_thread_blas
+from trainer.resample import (FILTERS, PILLOW_FILTERS, _bicubic, _bilinear, _lanczos, axis_plan, num_blocks,
+                              resample_crop, single_thread_blas)
 
-PIL_FILTERS = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC,
-               "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}
 SUPPORT = {"lanczos": 3.0, "bicubic": 2.0, "bilinear": 1.0}
 
 
@@ -100,7 +98,7 @@ def test_close_to_pillow(kind):
     that differs. Nearest picks the same pixels exactly."""
     img = _image(400, 300, seed=1, smooth=True)
     for box, size in (((23.4, 11.2, 323.4, 287.7), 256), ((0.0, 0.0, 300.0, 300.0), 128)):
-        pil = np.asarray(img.resize((size, size), PIL_FILTERS[kind], box=box), dtype=np.float64)
+        pil = np.asarray(img.resize((size, size), PILLOW_FILTERS[kind], box=box), dtype=np.float64)
         ours = (resample_crop(img, box, size, kind).transpose(1, 2, 0) + 1) * 127.5
         diff = np.abs(ours - pil)
         if kind == "nearest":

@@ -69,6 +69,10 @@ def _bilinear(x: np.ndarray) -> np.ndarray:
     return np.maximum(1.0 - np.abs(x), 0.0).astype(np.float32)
 
 
+# The Pillow filter each name reproduces (for comparisons: tests/test_resample.py, bench/bench_resample.py).
+PILLOW_FILTERS = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC,
+                  "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}
+
 # name -> (filter, support in input pixels at scale 1, antialias when downscaling)
 FILTERS = {
     "lanczos": (_lanczos, 3.0, True),

@@ -130,19 +130,22 @@ class ImageTransform:
         except _PIL_ERRORS as e:
             raise RecordError("bad_image", f"{type(e).__name__}: {e}") from None
 
+    def crop_box(self, decoded_size: Tuple[int, int], size: Tuple[int, int], plan: CropPlan) -> Tuple[float, ...]:
+        """The crop of `plan` as a box (x0, y0, x1, y1) in the pixels of the decoded image (`decoded_size`, after
+        any draft) of an image whose original size is `size`: resized coords * (decoded / resized)."""
+        r = self.resolution
+        (rw, rh), (dw, dh) = self.resized_size(*size), decoded_size
+        sx, sy = dw / rw, dh / rh
+        # min(): (left + r) * dw / rw may land an ulp past dw.
+        return plan.left * sx, plan.top * sy, min(dw, (plan.left + r) * sx), min(dh, (plan.top + r) * sy)
+
     def resize_crop(self, img: Image.Image, size: Tuple[int, int], plan: CropPlan,
                     out: Optional[np.ndarray] = None) -> np.ndarray:
         """The R x R crop of `plan` as float32 [3, R, R] in [-1, 1] (into `out` when given), computed from
         the decoded RGB `img` of an image whose original size is `size`: only the crop box is resampled."""
-        r = self.resolution
-        rw, rh = self.resized_size(*size)
-        dw, dh = img.size  # the decoded size, after any draft
-        # Crop box in decoded-image coordinates: resized coords * (decoded / resized).
-        sx, sy = dw / rw, dh / rh
-        # min(): (left + r) * dw / rw may land an ulp past dw.
-        box = (plan.left * sx, plan.top * sy, min(dw, (plan.left + r) * sx), min(dh, (plan.top + r) * sy))
         # Not wrapped in RecordError: the pixels are loaded by now, so an error here is a bug, not bad data.
-        return resample_crop(img, box, r, self.interpolation, plan.flip, out)
+        return resample_crop(img, self.crop_box(img.size, size, plan), self.resolution, self.interpolation,
+                             plan.flip, out)
 
     def apply(self, img: Image.Image, rng: np.random.Generator, out: Optional[np.ndarray] = None) -> np.ndarray:
         """float32 [3, R, R] in [-1, 1] from an image from `open_checked`, written into `out` when given (a
