@@ -7,7 +7,7 @@
     python eval.py adherence --model_dir sd/tiny_init --unet_path runs/tiny/unet --output_dir outputs/adherence
 
 Generation writes OUTPUT_DIR/g<guidance>/<prompt>_<image>.png, a grid per prompt and guidance and index.json;
-adherence writes adherence.json and prints a table of accuracies against chance. See sd/evaluation.py for how
+adherence writes adherence.json and prints a table of accuracies against chance. See sd/eval/evaluation.py for how
 seeds make images independent of --batch_size.
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from sd import sampling
-from sd.adherence import ADHERENCE_NAME, format_table, measure_adherence
-from sd.evaluation import (INDEX_NAME, ModelSource, SamplingConfig, generate_to_dir, load_pipeline, read_prompts,
+from sd.eval import sampling
+from sd.eval.adherence import ADHERENCE_NAME, format_table, measure_adherence
+from sd.eval.evaluation import (INDEX_NAME, ModelSource, SamplingConfig, generate_to_dir, load_pipeline, read_prompts,
                            resolve_size)
 
 logger = logging.getLogger("sd.eval")

@@ -16,7 +16,7 @@ from sd.device import resolve_model_features
 from sd.model import LatentDiffusionModel
 from trainer.callbacks import BenchmarkCallback, EMACallback, ImageLoggingCallback, ProfilerCallback
 from trainer.entry import build_dataset, resolve_checkpoint, setup_logging
-from trainer.preflight import rank_preflight
+from trainer.launch.rank_checks import rank_preflight
 from trainer.streaming_trainer import StreamingTrainer
 
 logger = logging.getLogger("sd")

@@ -18,7 +18,7 @@ from itertools import islice
 import paddle
 from paddlenlp.trainer import set_seed
 
-from sd import sampling
+from sd.eval import sampling
 from sd.args import DataArguments, SDTrainingArguments, parse_args
 from sd.vae_model import VAEArguments, VAEModel, measure
 from trainer.entry import build_dataset, resolve_checkpoint, setup_logging

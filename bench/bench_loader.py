@@ -10,7 +10,7 @@ produce float32 [B, 3, R, R] batches in [-1, 1]:
   'lanczos') + RandomCrop(R) with offsets drawn by paddle.randint + ToTensor + Normalize(0.5, 0.5), then
   the DataLoader's default collate (np.stack);
 - ours: TextImageDataset's batch iterator in-process (one worker): header parse at insertion, shuffle
-  buffer, JPEG draft decode, the crop box resampled by trainer/resample.py (Pillow's lanczos as two blocked
+  buffer, JPEG draft decode, the crop box resampled by trainer/loader/resample.py (Pillow's lanczos as two blocked
   float32 matrix products) straight into the batch array, normalised.
 Rates are samples per CPU-second of this process (one worker = one core; CPU time rather than wall time so
 that other jobs on the machine skew the ratio less); wall-clock rates are printed too. Best of --rounds,
@@ -30,9 +30,6 @@ import sys
 import tempfile
 import time
 from typing import Callable, Iterator, List
-
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
@@ -140,7 +137,7 @@ def our_stage_ms(part: str, tf, images: List[bytes], rounds: int) -> dict:
     """CPU ms per sample of each stage of our path, best of `rounds`: read (gunzip, split, base64: shared with
     the reference), decode (header + draft decode to RGB) and resample (the crop box to the normalised float
     crop), each through the same ImageTransform methods the loader calls."""
-    from trainer.transforms import open_image
+    from trainer.loader.transforms import open_image
 
     sizes = [open_image(b).size for b in images]
     plans = [tf.plan(w, h, np.random.default_rng(i)) for i, (w, h) in enumerate(sizes)]
@@ -163,8 +160,8 @@ def main(argv: List[str] = None) -> int:
     args = p.parse_args(argv)
     print("command: OMP_NUM_THREADS=%s %s %s" % (os.environ.get("OMP_NUM_THREADS", "<unset>"), sys.executable,
                                                  " ".join(shlex.quote(a) for a in sys.argv)))
-    from trainer.text_image_dataset import LoaderConfig, TextImageDataset
-    from trainer.transforms import ImageTransform
+    from trainer.loader.text_image_dataset import LoaderConfig, TextImageDataset
+    from trainer.loader.transforms import ImageTransform
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The crop-box resample alone: trainer/resample.py against Pillow's resize on the same box, per resolution.
+"""The crop-box resample alone: trainer/loader/resample.py against Pillow's resize on the same box, per resolution.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_resample.py [--resolutions 128 256 384 512] \
         [--interpolation lanczos] [--blocks 0 16 32] [--num_images 24] [--rounds 7]
@@ -21,15 +21,12 @@ import sys
 import time
 from typing import List
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.bench_loader import natural_jpeg  # noqa: E402
-from trainer.resample import PILLOW_FILTERS, num_blocks, resample_crop  # noqa: E402
-from trainer.transforms import ImageTransform, open_image  # noqa: E402
+from bench_loader import natural_jpeg  # a sibling script: bench/ is on sys.path when run  # noqa: E402
+from trainer.loader.resample import PILLOW_FILTERS, num_blocks, resample_crop  # noqa: E402
+from trainer.loader.transforms import ImageTransform, open_image  # noqa: E402
 
 def crops(resolution: int, n: int, seed: int) -> List[tuple]:
     """(decoded image, box in its pixels) pairs, as the loader would resample them."""

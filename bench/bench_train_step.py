@@ -18,8 +18,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from paddlenlp.trainer import TrainerCallback  # noqa: E402
 
@@ -97,7 +95,7 @@ def main():
     p.add_argument("--workers", type=int, default=0)
     opts = p.parse_args()
     print("command: .venv/bin/python bench/bench_train_step.py " + " ".join(sys.argv[1:]), flush=True)
-    from conftest import make_parts
+    from sd.tiny.make_demo_data import make_demo_parts as make_parts
 
     with tempfile.TemporaryDirectory() as tmp:
         file_list = make_parts(os.path.join(tmp, "data"), 256, image_size=64, per_part=64)

@@ -18,9 +18,6 @@ import os
 import sys
 from typing import List, Optional
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -71,7 +68,7 @@ def make_grid(images: List[np.ndarray], pad: int = 2) -> Image.Image:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     # Imported here: paddle is slow to import and `--help` should not pay for it.
-    from trainer.text_image_dataset import LoaderConfig, TextImageDataset
+    from trainer.loader.text_image_dataset import LoaderConfig, TextImageDataset
 
     tokenizer = None
     if args.tokenizer:

@@ -8,7 +8,7 @@ Checks: the devices (--gpus on a machine without CUDA GPUs, GPU ids that do not 
 nodes (this node in --ips, --master IP:PORT, --nnodes/--rank), the train flags through train.py's own parser, data
 parts against ranks x DataLoader workers ("sharding by line" when short), free /dev/shm against the DataLoader
 workers, and output_dir writable. What needs the running job (output_dir shared by every node, the same data and
-checkpoint on every rank, a rank that dies) is checked inside the job: trainer/preflight.py.
+checkpoint on every rank, a rank that dies) is checked inside the job: trainer/launch/rank_checks.py.
 """
 from __future__ import annotations
 
@@ -19,12 +19,9 @@ import sys
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 from data_tools.part_format import read_filelist_list  # noqa: E402
-from trainer.sharding import BY_LINE, sharding_mode  # noqa: E402
+from trainer.loader.sharding import BY_LINE, sharding_mode  # noqa: E402
 
 # Set by paddle.distributed.launch inside a job. This script is not a rank: with them, parsing the training
 # arguments would call init_parallel_env and wait for peers that never come.

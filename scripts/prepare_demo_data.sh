@@ -11,6 +11,6 @@ if [ -f "$OUT/filelist/demo.filelist.list" ]; then
   exit 0
 fi
 echo "[demo] generating $N demo images and their part files in $OUT"
-"$PY" data_tools/make_demo_data.py --output_dir "$OUT/raw" --num_images "$N" --image_size 64 --seed 0
+"$PY" sd/tiny/make_demo_data.py --output_dir "$OUT/raw" --num_images "$N" --image_size 64 --seed 0
 "$PY" create_pretraining_data.py --input_path "$OUT/raw/demo.jsonl" --output_path "$OUT" --output_name demo \
   --per_part_file_num 250 --save_gzip_file

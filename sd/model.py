@@ -21,10 +21,10 @@ from ppdiffusers.models.transformer_2d import Transformer2DModel
 from ppdiffusers.training_utils import freeze_params
 
 from sd import losses
+from sd.paths import SCHEDULER_SD_V1
 
 logger = logging.getLogger("sd")
 
-SCHEDULER_SD_V1 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "scheduler_sd_v1.json")
 
 
 class FusedLinearForward:
@@ -131,7 +131,7 @@ class LatentDiffusionModel(nn.Layer):
             if self.train_text_encoder:
                 self.text_encoder.save_pretrained(os.path.join(output_dir, "text_encoder"), safe_serialization=True)
         else:  # loadable by StableDiffusionPipeline.from_pretrained(output_dir)
-            from sd import sampling
+            from sd.eval import sampling
 
             scheduler = sampling.make_scheduler("ddim", self.noise_scheduler.config)
             sampling.make_pipeline(self.vae, self.text_encoder, tokenizer, self.unet, scheduler).save_pretrained(

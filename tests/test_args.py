@@ -6,7 +6,7 @@ import shutil
 import pytest
 from paddlenlp.trainer import PdArgumentParser
 
-from conftest import TINY_INIT
+from helpers import TINY_INIT
 from sd.args import DataArguments, ModelArguments, SDTrainingArguments
 from sd.device import resolve_model_features
 from trainer.entry import resolve_checkpoint

@@ -11,7 +11,7 @@ from PIL import Image
 
 from data_tools import image_check as ic
 from data_tools.part_format import read_filelist, read_manifest, sanitize_caption, sha256_file
-from create_data_helpers import (cli, filelist_names, good_corpus, image_bytes, make, part_files, read_dataset,
+from helpers import (cli, filelist_names, good_corpus, image_bytes, make, part_files, read_dataset,
                                        read_rejects, write_image, write_jsonl)
 
 pytestmark = pytest.mark.unit

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from create_data_helpers import (ENTRY, ROOT, cli, filelist_names, good_corpus, image_bytes, make, part_files,
+from helpers import (ENTRY, ROOT, cli, filelist_names, good_corpus, image_bytes, make, part_files,
                                  read_dataset, read_rejects, write_image, write_jsonl)
 from data_tools.create_data import CreateConfig, run
 from data_tools.create_outputs import CreateDataError

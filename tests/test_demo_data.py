@@ -1,4 +1,4 @@
-"""The demo dataset (data_tools/make_demo_data.py) and its attribute reader (data_tools/demo_attributes.py)."""
+"""The demo dataset (sd/tiny/make_demo_data.py) and its attribute reader (sd/tiny/demo_attributes.py)."""
 import hashlib
 import itertools
 import json
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from data_tools.demo_attributes import analyze, read_attributes
-from data_tools.make_demo_data import (COLORS, POSITIONS, SHAPES, attribute_sequence, caption_for,
+from sd.tiny.demo_attributes import analyze, read_attributes
+from sd.tiny.make_demo_data import (COLORS, POSITIONS, SHAPES, attribute_sequence, caption_for,
                                        generate_demo_dataset, render)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,7 +153,7 @@ def test_reader_always_guesses_on_weird_images():
 @pytest.mark.unit
 def test_cli_writes_the_dataset(tmp_path):
     out = tmp_path / "cli"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "data_tools", "make_demo_data.py"),
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "sd", "tiny", "make_demo_data.py"),
                            "--output_dir", str(out), "--num_images", "7", "--image_size", "32", "--seed", "3",
                            "--format", "png"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import PY, ROOT, TINY_INIT
-from data_tools.make_demo_data import generate_demo_dataset
-from trainer.preflight import RankReport, judge_reports
+from helpers import PY, ROOT, TINY_INIT
+from sd.tiny.make_demo_data import generate_demo_dataset
+from trainer.launch.rank_checks import RankReport, judge_reports
 
 pytestmark = pytest.mark.smoke
 
@@ -241,9 +241,8 @@ def test_checkpoints_and_resume_under_two_ranks(tmp_path, two_rank_run, same_ima
 PROBE = r'''
 """One rank of a real launch: the (part, line) of every record its logical workers read."""
 import itertools, json, sys
-sys.path.insert(0, sys.argv[1])
 import paddle.distributed as dist
-from trainer.text_image_dataset import LoaderConfig, TextImageDataset
+from trainer.loader.text_image_dataset import LoaderConfig, TextImageDataset
 
 dist.init_parallel_env()
 rank, world = dist.get_rank(), dist.get_world_size()  # what TrainingArguments.dataset_rank/_world_size return

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import PY, ROOT, TINY_INIT
+from helpers import PY, ROOT, TINY_INIT
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +53,7 @@ def test_quickstart_trains_a_model_that_follows_color_captions(tmp_path):
     assert {e["guidance"] for e in index} == {1.0, 7.5}
 
     # A smaller version of the README's adherence measurement: color must clear a floor well above chance.
-    from sd.adherence import measure_adherence_from_paths
+    from sd.eval.adherence import measure_adherence_from_paths
 
     result = measure_adherence_from_paths(TINY_INIT, str(out / "unet"), max_combinations=30,
                                           num_per_combination=2, output_dir=str(tmp_path / "adherence"))

@@ -1,7 +1,7 @@
-"""eval.py and sd/evaluation.py, sd/adherence.py: real pipelines on sd/tiny_init with a random UNet, 32x32, 2 steps.
+"""eval.py and sd/eval/evaluation.py, sd/eval/adherence.py: real pipelines on sd/tiny_init with a random UNet, 32x32, 2 steps.
 
 A random UNet draws noise, not shapes, so these tests check the machinery (files, seeds, errors, scoring); whether a
-trained model clears a floor above chance is the lead's e2e test (it calls sd.adherence.measure_adherence).
+trained model clears a floor above chance is the lead's e2e test (it calls sd.eval.adherence.measure_adherence).
 """
 import json
 import os
@@ -16,11 +16,11 @@ from PIL import Image
 from ppdiffusers import UNet2DConditionModel
 
 import eval as eval_cli
-from data_tools.make_demo_data import COLORS, POSITIONS, SHAPES, render
-from sd import sampling
-from sd.adherence import (chance_levels, combination_order, measure_adherence, read_back, score_readings,
+from sd.tiny.make_demo_data import COLORS, POSITIONS, SHAPES, render
+from sd.eval import sampling
+from sd.eval.adherence import (chance_levels, combination_order, measure_adherence, read_back, score_readings,
                           select_combinations)
-from sd.evaluation import ModelSource, SamplingConfig, load_pipeline, read_prompts, sample_images
+from sd.eval.evaluation import ModelSource, SamplingConfig, load_pipeline, read_prompts, sample_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INIT = os.path.join(ROOT, "sd", "tiny_init")

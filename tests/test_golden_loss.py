@@ -17,7 +17,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import PY, ROOT, TINY_INIT
+from helpers import PY, ROOT, TINY_INIT
 
 pytestmark = pytest.mark.smoke
 

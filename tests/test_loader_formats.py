@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from data_tools.part_format import RecordError, encode_record
-from test_loader_data import aes_line, image_bytes, write_filelist_list, write_source
-from trainer.text_image_dataset import LoaderConfig, TextImageDataset
-from trainer.transforms import ImageTransform
+from helpers import aes_line, image_bytes, write_filelist_list, write_source
+from trainer.loader.text_image_dataset import LoaderConfig, TextImageDataset
+from trainer.loader.transforms import ImageTransform
 
 CHINESE = "一只猫坐在窗台上"
 

@@ -13,8 +13,8 @@ from PIL import Image
 
 from data_tools import inspect_data
 from data_tools.part_format import encode_record
-from test_loader_data import image_bytes, write_filelist_list, write_source
-from test_loader_resume import _tiny_clip_tokenizer
+from helpers import image_bytes, write_filelist_list, write_source
+from helpers import tiny_clip_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +54,7 @@ def test_inspect_writes_grid_and_samples_with_tokens(tmp_path, capsys):
     fl = _data(str(tmp_path / "data"))
     tok_dir = tmp_path / "tok"
     os.makedirs(tok_dir)
-    _tiny_clip_tokenizer(str(tok_dir))  # writes vocab.json + merges.txt, loadable with from_pretrained
+    tiny_clip_tokenizer(str(tok_dir))  # writes vocab.json + merges.txt, loadable with from_pretrained
     out = str(tmp_path / "inspect")
     rc = inspect_data.main(["--file_list", fl, "--resolution", "12", "--num_samples", "7", "--output_dir", out,
                             "--min_image_size", "8", "--caption_dropout_prob", "0.5", "--seed", "3",

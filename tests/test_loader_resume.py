@@ -13,9 +13,9 @@ import paddle
 import pytest
 
 from data_tools.part_format import encode_record
-from test_loader_data import open_loader, records, write_filelist_list, write_source
-from trainer.loader_state import LoaderStateTracker
-from trainer.text_image_dataset import LoaderConfig, TextImageDataset, load_json
+from helpers import open_loader, records, tiny_clip_tokenizer, write_filelist_list, write_source
+from trainer.loader.loader_state import LoaderStateTracker
+from trainer.loader.text_image_dataset import LoaderConfig, TextImageDataset, load_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,7 +76,7 @@ def test_resume_sees_exactly_the_batches_of_an_uninterrupted_run(tmp_path, worke
     tok = None
     if with_tokenizer:  # input_ids are hashed too: caption dropout must replay exactly
         os.makedirs(tmp_path / "tok")
-        tok = _tiny_clip_tokenizer(str(tmp_path / "tok"))
+        tok = tiny_clip_tokenizer(str(tmp_path / "tok"))
     kw = dict(tokenizer=tok, caption_dropout_prob=0.3, rank=rank, world=world)
     full, full_tracker = _run(fl, 14, workers, **kw)
     head, tracker = _run(fl, stop, workers, **kw)
@@ -133,20 +133,6 @@ def test_bad_states_are_rejected_clearly(tmp_path):
         fresh.consume({"pixel_values": first["pixel_values"]})
 
 
-def _tiny_clip_tokenizer(folder: str):
-    """A real paddlenlp CLIPTokenizer over a byte-level vocabulary written to `folder`."""
-    from paddlenlp.transformers import CLIPTokenizer
-    from paddlenlp.transformers.clip.tokenizer import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump({t: i for i, t in enumerate(vocab)}, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
-
-
 def _check_tokenized(tokenizer, fl: str, length: int) -> None:
     ds = TextImageDataset(_cfg(fl, model_max_length=length, caption_dropout_prob=0.5), tokenizer, 4,
                           num_workers=2)
@@ -165,7 +151,7 @@ def _check_tokenized(tokenizer, fl: str, length: int) -> None:
 def test_batches_carry_input_ids_from_a_clip_tokenizer(tmp_path):
     fl = _dataset(str(tmp_path / "data"))
     os.makedirs(tmp_path / "tok")
-    _check_tokenized(_tiny_clip_tokenizer(str(tmp_path / "tok")), fl, 12)
+    _check_tokenized(tiny_clip_tokenizer(str(tmp_path / "tok")), fl, 12)
 
 
 @pytest.mark.smoke

@@ -9,10 +9,10 @@ import os
 import pytest
 
 from data_tools.part_format import encode_record
-from test_loader_data import aes_line, image_bytes, open_loader, records, write_filelist_list, write_source
-from trainer.loader_state import LoaderStateTracker
-from trainer.sample_stream import SkipCounter, SourceCursor, fresh_cursor_state
-from trainer.text_image_dataset import LoaderConfig, TextImageDataset
+from helpers import aes_line, image_bytes, open_loader, records, write_filelist_list, write_source
+from trainer.loader.loader_state import LoaderStateTracker
+from trainer.loader.sample_stream import SkipCounter, SourceCursor, fresh_cursor_state
+from trainer.loader.text_image_dataset import LoaderConfig, TextImageDataset
 
 
 def _read_epoch0(ds: TextImageDataset, source: int) -> tuple:

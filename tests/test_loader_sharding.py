@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from test_loader_data import open_loader, simple_dataset
-from trainer.sample_stream import SkipCounter, SourceCursor, fresh_cursor_state
-from trainer.sharding import (BY_LINE, BY_PART, WorkerLayout, assignment_table, choose_source,
+from helpers import open_loader, simple_dataset
+from trainer.loader.sample_stream import SkipCounter, SourceCursor, fresh_cursor_state
+from trainer.loader.sharding import (BY_LINE, BY_PART, WorkerLayout, assignment_table, choose_source,
                               epoch_part_order, sharding_mode, worker_parts)
-from trainer.text_image_dataset import LoaderConfig, TextImageDataset
+from trainer.loader.text_image_dataset import LoaderConfig, TextImageDataset
 
 
 @pytest.mark.unit

@@ -5,7 +5,7 @@ import pytest
 from ppdiffusers.models.resnet import ResnetBlock2D
 from ppdiffusers.models.transformer_2d import Transformer2DModel
 
-from conftest import TINY_INIT
+from helpers import TINY_INIT
 from sd.args import ModelArguments
 from sd.model import LatentDiffusionModel
 from trainer.streaming_trainer import GuardedAdamW

@@ -1,4 +1,4 @@
-"""trainer/resample.py against a dense float64 port of Pillow's coefficients, and against Pillow itself."""
+"""trainer/loader/resample.py against a dense float64 port of Pillow's coefficients, and against Pillow itself."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from trainer.resample import (FILTERS, PILLOW_FILTERS, _bicubic, _bilinear, _lanczos, axis_plan, num_blocks,
+from trainer.loader.resample import (FILTERS, PILLOW_FILTERS, _bicubic, _bilinear, _lanczos, axis_plan, num_blocks,
                               resample_crop, single_thread_blas)
 
 SUPPORT = {"lanczos": 3.0, "bicubic": 2.0, "bilinear": 1.0}

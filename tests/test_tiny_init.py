@@ -1,4 +1,4 @@
-"""The committed init folder sd/tiny_init/ (data_tools/build_tiny_init.py) and the UNet configs."""
+"""The committed init folder sd/tiny_init/ (sd/tiny/build_tiny_init.py) and the UNet configs."""
 import json
 import os
 import shutil
@@ -11,7 +11,7 @@ from ppdiffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, PNDMSchedu
 from ppdiffusers.transformers import CLIPTextModel, CLIPTokenizer
 from safetensors.numpy import load_file
 
-from data_tools.build_tiny_init import (SCHEDULER_SD_V1, TinyInitConfig, build_tiny_init, check_compatible,
+from sd.tiny.build_tiny_init import (SCHEDULER_SD_V1, TinyInitConfig, build_tiny_init, check_compatible,
                                         vae_downsampling_factor)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

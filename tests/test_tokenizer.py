@@ -1,4 +1,4 @@
-"""The committed CLIP tokenizer (sd/tiny_init/tokenizer/, built by data_tools/build_tokenizer.py)."""
+"""The committed CLIP tokenizer (sd/tiny_init/tokenizer/, built by sd/tiny/build_tokenizer.py)."""
 import glob
 import gzip
 import os
@@ -9,9 +9,9 @@ import pytest
 from paddlenlp.transformers import CLIPTokenizer
 from paddlenlp.transformers.clip.tokenizer import bytes_to_unicode as paddlenlp_bytes_to_unicode
 
-from data_tools.build_tokenizer import (NUM_MERGES, VOCAB_SIZE, WHEEL_MEMBER, build_tokenizer, bytes_to_unicode,
+from sd.tiny.build_tokenizer import (NUM_MERGES, VOCAB_SIZE, WHEEL_MEMBER, build_tokenizer, bytes_to_unicode,
                                         read_bpe_text)
-from data_tools.make_demo_data import COLORS, POSITIONS, SHAPES, caption_for
+from sd.tiny.make_demo_data import COLORS, POSITIONS, SHAPES, caption_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_DIR = os.path.join(ROOT, "sd", "tiny_init", "tokenizer")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import PY, ROOT, TINY_INIT
+from helpers import PY, ROOT, TINY_INIT
 
 pytestmark = pytest.mark.smoke
 

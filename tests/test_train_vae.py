@@ -8,7 +8,7 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import PY, ROOT, make_parts
+from helpers import PY, ROOT, make_parts
 
 pytestmark = pytest.mark.smoke
 

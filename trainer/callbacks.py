@@ -11,8 +11,8 @@ import paddle
 from paddlenlp.trainer import TrainerCallback
 from paddlenlp.trainer.integrations import VisualDLCallback
 
-from sd import sampling
-from sd.evaluation import SamplingConfig, sample_images
+from sd.eval import sampling
+from sd.eval.evaluation import SamplingConfig, sample_images
 
 logger = logging.getLogger("sd")
 

@@ -7,7 +7,7 @@ import os
 from typing import Optional
 
 from trainer.streaming_trainer import last_complete_checkpoint
-from trainer.text_image_dataset import LoaderConfig, TextImageDataset
+from trainer.loader.text_image_dataset import LoaderConfig, TextImageDataset
 
 logger = logging.getLogger("sd")
 

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import paddle
 from paddlenlp.trainer import Trainer
 
-from trainer.text_image_dataset import LoaderStateTracker, build_dataloader
+from trainer.loader.text_image_dataset import LoaderStateTracker, build_dataloader
 
 logger = logging.getLogger("sd")
 

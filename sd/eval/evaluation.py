@@ -1,6 +1,6 @@
 """Inference from a trained checkpoint: model loading, prompts, per-image seeds, PNGs, grids and index.json.
 
-eval.py is the command line over this module; sd/adherence.py reuses `sample_images` to score the demo captions.
+eval.py is the command line over this module; sd/eval/adherence.py reuses `sample_images` to score the demo captions.
 
 Reproducibility (why the seeds work this way):
 - Every image gets its own seed, derived from (--seed, prompt index, image index) with numpy's SeedSequence, and
@@ -32,7 +32,7 @@ from PIL import Image
 from ppdiffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from ppdiffusers.transformers import CLIPTextModel, CLIPTokenizer  # the classes StableDiffusionPipeline expects
 
-from sd import sampling
+from sd.eval import sampling
 
 logger = logging.getLogger("sd.eval")
 

@@ -15,9 +15,9 @@ import numpy as np
 from PIL import Image
 
 from data_tools.part_format import RecordError, iter_part_lines, parse_record
-from trainer.sharding import (WorkerLayout, buffer_pick, choose_source, keeps_line, sharding_mode,
+from trainer.loader.sharding import (WorkerLayout, buffer_pick, choose_source, keeps_line, sharding_mode,
                               worker_parts)
-from trainer.transforms import ImageTransform
+from trainer.loader.transforms import ImageTransform
 
 logger = logging.getLogger("trainer.loader")
 

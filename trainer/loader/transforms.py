@@ -5,7 +5,7 @@ Three savings over the reference's decode-everything, Resize-then-RandomCrop, To
   stays >= the resolution, so a 900 px photo for a 256 px crop decodes at a quarter of the pixels.
 - Resize only the crop: the crop box is chosen in resized coordinates, mapped back to source coordinates,
   and only the R x R output is computed instead of the whole resized image.
-- That resample is Pillow's filter computed as two blocked float32 matrix products (trainer/resample.py),
+- That resample is Pillow's filter computed as two blocked float32 matrix products (trainer/loader/resample.py),
   written straight into the batch slot already normalised: no 8-bit pass, no separate normalise pass.
 The crop geometry is computed from the original size, so it does not depend on whether draft applied.
 
@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from data_tools.part_format import RecordError
-from trainer.resample import FILTERS, resample_crop
+from trainer.loader.resample import FILTERS, resample_crop
 
 INTERPOLATIONS = tuple(FILTERS)  # lanczos, bicubic, bilinear, nearest: Pillow's filters, see resample.py
 

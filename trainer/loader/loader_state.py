@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from trainer.sample_stream import fresh_cursor_state
+from trainer.loader.sample_stream import fresh_cursor_state
 
 logger = logging.getLogger("trainer.loader")
 

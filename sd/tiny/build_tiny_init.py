@@ -1,14 +1,14 @@
 """Build sd/tiny_init/: the tiny, CPU-trainable counterpart of the reference's
 `CompVis-stable-diffusion-v1-4-paddle-init` folder, deterministic from a seed.
 
-    OUT/tokenizer/        real CLIP BPE tokenizer (data_tools/build_tokenizer.py)
+    OUT/tokenizer/        real CLIP BPE tokenizer (sd/tiny/build_tokenizer.py)
     OUT/text_encoder/     tiny CLIPTextModel, random init (config.json + model.safetensors)
     OUT/vae/              AutoencoderKL: copied from --vae_dir (trained by train_vae.py), else untrained
     OUT/scheduler/        SD v1's DDPM noise schedule
     OUT/unet_config.json  copy of sd/configs/unet_tiny.json (the trainer builds the UNet from it)
     OUT/model_index.json  StableDiffusionPipeline components: loadable by the pipeline once OUT/unet/ exists
 
-    python data_tools/build_tiny_init.py --output_dir sd/tiny_init [--bpe_file open_clip_torch-*.whl]
+    python sd/tiny/build_tiny_init.py --output_dir sd/tiny_init [--bpe_file open_clip_torch-*.whl]
                                          [--vae_dir runs/vae/final | --reset_vae] [--seed 0]
 
 The text encoder must be loaded with `ppdiffusers.transformers.CLIPTextModel` (HF parameter names), which is what
@@ -22,18 +22,16 @@ import argparse
 import json
 import os
 import shutil
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-UNET_TINY_CONFIG = os.path.join(ROOT, "sd", "configs", "unet_tiny.json")
-VAE_TINY_CONFIG = os.path.join(ROOT, "sd", "configs", "vae_tiny.json")
+from sd.paths import SCHEDULER_SD_V1, TINY_INIT_DIR, UNET_TINY_CONFIG, VAE_TINY_CONFIG
+
 
 # SD v1's training noise schedule (sd/model.py falls back to the same file). set_alpha_to_one / skip_prk_steps are
 # not DDPM arguments (DDPMScheduler ignores them) but make DDIMScheduler/PNDMScheduler.from_config(it) reproduce
 # SD v1's samplers.
-SCHEDULER_SD_V1 = os.path.join(ROOT, "sd", "configs", "scheduler_sd_v1.json")
+# (sd/configs/scheduler_sd_v1.json, sd.paths.SCHEDULER_SD_V1)
 
 MODEL_INDEX: Dict[str, Any] = {
     "_class_name": "StableDiffusionPipeline",
@@ -159,7 +157,7 @@ def _build_vae(vae_config_path: str, seed: int, out_dir: str) -> Dict[str, Any]:
 
 def build_tiny_init(cfg: TinyInitConfig) -> str:
     """Write the init folder at cfg.output_dir (replacing it); return its path."""
-    from data_tools.build_tokenizer import build_tokenizer
+    from sd.tiny.build_tokenizer import build_tokenizer
 
     out = os.path.abspath(cfg.output_dir)
     existing_vae = os.path.join(out, "vae")
@@ -209,7 +207,7 @@ def build_tiny_init(cfg: TinyInitConfig) -> str:
 
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output_dir", default=os.path.join(ROOT, "sd", "tiny_init"))
+    parser.add_argument("--output_dir", default=TINY_INIT_DIR)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bpe_file", default=None, help="open-clip-torch wheel or bpe_simple_vocab_16e6.txt.gz")
     parser.add_argument("--tokenizer_dir", default=None, help="tokenizer folder to copy (default OUT/tokenizer)")
@@ -227,6 +225,4 @@ def main(argv: List[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run as a script, Python puts data_tools/ (not the repo root) on sys.path; data_tools.* imports need the root.
-    sys.path.insert(0, ROOT)
     raise SystemExit(main())

@@ -4,7 +4,7 @@ The merge list ships as `open_clip/bpe_simple_vocab_16e6.txt.gz` inside the open
 tokenizer of SD v1 can be rebuilt without a model hub:
 
     pip download --no-deps open-clip-torch -d /tmp/oc
-    python data_tools/build_tokenizer.py --bpe_file /tmp/oc/open_clip_torch-*.whl --output_dir sd/tiny_init/tokenizer
+    python sd/tiny/build_tokenizer.py --bpe_file /tmp/oc/open_clip_torch-*.whl --output_dir sd/tiny_init/tokenizer
 
 Vocabulary, in id order (as OpenAI's simple_tokenizer.py and HF's CLIP vocab.json): the 256 byte characters in
 GPT-2's bytes_to_unicode order, the same 256 with `</w>`, one token per merge for the first 48894 merges, then

@@ -2,7 +2,7 @@
 
 It is the embedded default of the quickstart and of the tests, so it must be (a) byte-for-byte reproducible from a
 seed, (b) learnable by a tiny diffusion model at 32 px in a few hundred steps, and (c) machine-checkable: every
-jsonl line carries the attributes its caption states, and data_tools/demo_attributes.py reads them back from pixels
+jsonl line carries the attributes its caption states, and sd/tiny/demo_attributes.py reads them back from pixels
 so a generated image can be judged against its prompt.
 
 Design choices (why):
@@ -14,7 +14,7 @@ Design choices (why):
 - Attribute combinations (6*3*5 = 90) are drawn in shuffled full cycles, so any 90 consecutive images hold every
   combination once; cycle k is shuffled by its own rng, so a smaller dataset is a prefix of a larger one.
 
-    python data_tools/make_demo_data.py --output_dir D --num_images N --image_size S --seed K [--format png|jpg]
+    python sd/tiny/make_demo_data.py --output_dir D --num_images N --image_size S --seed K [--format png|jpg]
 """
 from __future__ import annotations
 
@@ -22,10 +22,14 @@ import argparse
 import itertools
 import json
 import os
+import subprocess
+import sys
 from typing import Dict, List, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from sd.paths import REPO_ROOT
 
 # name -> RGB. Hues 0/60/120/180/240/300 degrees; chroma (max - min) >= 145 for every entry (gray has 0).
 COLORS: Dict[str, Tuple[int, int, int]] = {
@@ -158,6 +162,17 @@ def generate_demo_dataset(output_dir: str, num_images: int, image_size: int = 64
     # The jsonl appears only once every image it names exists: a reader never sees a half-written dataset.
     os.replace(tmp_path, jsonl_path)
     return jsonl_path
+
+
+def make_demo_parts(out_dir: str, num_images: int, image_size: int = 32, seed: int = 0, per_part: int = 24,
+                    name: str = "demo") -> str:
+    """A demo dataset written as part files by the real data tool (its own process, as a user runs it); returns
+    the .filelist.list path. Tests and benchmarks build their data through here."""
+    jsonl = generate_demo_dataset(os.path.join(out_dir, "raw"), num_images, image_size=image_size, seed=seed)
+    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "create_pretraining_data.py"), "--input_path", jsonl,
+                    "--output_path", out_dir, "--output_name", name, "--per_part_file_num", str(per_part),
+                    "--save_gzip_file", "--num_workers", "1"], check=True, capture_output=True, cwd=REPO_ROOT)
+    return os.path.join(out_dir, "filelist", f"{name}.filelist.list")
 
 
 def main(argv: List[str] | None = None) -> int:

@@ -17,10 +17,10 @@ import os
 from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from data_tools.demo_attributes import read_attributes
-from data_tools.make_demo_data import COLORS, POSITIONS, SHAPES, caption_for
-from sd import sampling
-from sd.evaluation import (ModelSource, SamplingConfig, guidance_tag, image_seed, load_pipeline, resolve_size,
+from sd.tiny.demo_attributes import read_attributes
+from sd.tiny.make_demo_data import COLORS, POSITIONS, SHAPES, caption_for
+from sd.eval import sampling
+from sd.eval.evaluation import (ModelSource, SamplingConfig, guidance_tag, image_seed, load_pipeline, resolve_size,
                            sample_images, write_json)
 
 logger = logging.getLogger("sd.eval")

@@ -21,11 +21,11 @@ import numpy as np
 import paddle
 
 from data_tools.part_format import DATA_FORMATS, data_format_of, read_filelist_list
-from trainer.loader_state import LoaderStateTracker, ResumePlan, batch_state, fresh_plan, plan_resume
-from trainer.sample_stream import Sample, SourceSpec, StreamConfig, WorkerStream
-from trainer.sharding import WorkerLayout, sharding_mode
-from trainer.resample import single_thread_blas
-from trainer.transforms import INTERPOLATIONS, ImageTransform
+from trainer.loader.loader_state import LoaderStateTracker, ResumePlan, batch_state, fresh_plan, plan_resume
+from trainer.loader.sample_stream import Sample, SourceSpec, StreamConfig, WorkerStream
+from trainer.loader.sharding import WorkerLayout, sharding_mode
+from trainer.loader.resample import single_thread_blas
+from trainer.loader.transforms import INTERPOLATIONS, ImageTransform
 
 __all__ = ["LoaderConfig", "TextImageDataset", "build_dataloader", "LoaderStateTracker", "Sample"]
 

@@ -25,7 +25,7 @@ from typing import Dict, Tuple
 import numpy as np
 from PIL import Image
 
-from data_tools.make_demo_data import COLORS, POSITIONS
+from sd.tiny.make_demo_data import COLORS, POSITIONS
 
 # Decision boundaries, midway between the clusters measured on 540 images per setting (clean, and blurred with
 # sigma 1-2.5 px per 64 px + noise std 8-20): circle fill 0.73-0.92 (mean 0.80), square 0.87-1.0 (mean 0.96),

@@ -1,0 +1,201 @@
+"""Shared helpers of the test suite: paths, tiny real images, datasets written by the real tools, loaders that
+clean up their workers. Test modules import from here (never from each other); conftest.py holds fixtures only.
+Nothing here mocks a library: every helper writes real files or runs real code."""
+from __future__ import annotations
+
+import base64
+import contextlib
+import gzip
+import io
+import json
+import os
+import subprocess
+import sys
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image
+
+from data_tools.create_data import CreateConfig, run
+from data_tools.part_format import (DATA_DIR_NAME, FILELIST_DIR_NAME, FORMAT_VERSION, encode_record,
+                                    iter_part_lines, manifest_path, parse_record, read_filelist, read_filelist_list,
+                                    write_text_atomic)
+from sd.paths import REPO_ROOT, TINY_INIT_DIR
+from sd.tiny.make_demo_data import make_demo_parts
+
+ROOT = REPO_ROOT
+TINY_INIT = TINY_INIT_DIR
+PY = sys.executable
+ENTRY = os.path.join(ROOT, "create_pretraining_data.py")
+make_parts = make_demo_parts  # the name the tests use: a demo dataset as part files, via the real data tool
+
+
+def image_bytes(w: int = 40, h: int = 32, fmt: str = "JPEG", seed: int = 0, mode: str = "RGB") -> bytes:
+    """A small image whose pixels depend on `seed`, so different records hash differently."""
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+# ---- loader datasets: parts, filelists and loaders written directly in the part format ----
+
+def aes_line(caption_en: Optional[str], blip: Optional[str], img: bytes) -> bytes:
+    """A laion_aes record: field 3 a JSON object with the captions, field 6 the base64 image."""
+    meta = {k: v for k, v in (("caption_en", caption_en), ("blip_caption_en", blip)) if v is not None}
+    fields = ["http://x/img.jpg", "NONE", json.dumps(meta), "0.9", "6.1", base64.b64encode(img).decode()]
+    return "\t".join(fields).encode() + b"\n"
+
+
+def write_part(path: str, lines: Sequence[bytes], gzipped: bool = False) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    data = b"".join(lines)
+    with open(path, "wb") as f:
+        f.write(gzip.compress(data) if gzipped else data)
+    return path
+
+
+def write_source(root: str, name: str, parts: Sequence[Sequence[bytes]], gzipped: bool = False,
+                 data_format: Optional[str] = None, repeat: int = 1) -> str:
+    """Parts under root/<name>/laion400m_format_data, a filelist naming them (relative paths, each part
+    `repeat` times as the reference's num_repeat) and, when data_format is given, a manifest. Returns the
+    .filelist path."""
+    out = os.path.join(root, name)
+    paths = [write_part(os.path.join(out, DATA_DIR_NAME, f"part-{i:06d}" + (".gz" if gzipped else "")),
+                        lines, gzipped) for i, lines in enumerate(parts)]
+    fl = os.path.join(out, FILELIST_DIR_NAME, f"{name}.filelist")
+    os.makedirs(os.path.dirname(fl), exist_ok=True)
+    rel = [os.path.relpath(p, os.path.dirname(fl)) for p in paths for _ in range(repeat)]
+    write_text_atomic(fl, "\n".join(rel) + "\n")
+    if data_format is not None:
+        manifest = {"format_version": FORMAT_VERSION, "data_format": data_format,
+                    "parts": [os.path.basename(p) for p in paths]}
+        write_text_atomic(manifest_path(out, name), json.dumps(manifest))
+    return fl
+
+
+def write_filelist_list(path: str, entries: Sequence[Tuple[str, Optional[float]]]) -> str:
+    lines = [fl if w is None else f"{fl} {w}" for fl, w in entries]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
+def records(tag: str, n: int, size: Tuple[int, int] = (24, 20), seed0: int = 0) -> List[bytes]:
+    """n laion400m lines with captions `<tag>-<i>` and distinct tiny JPEGs."""
+    return [encode_record(f"{tag}-{i}", image_bytes(size[0], size[1], seed=seed0 + i)) for i in range(n)]
+
+
+def simple_dataset(root: str, sources: Sequence[Tuple[str, int, int, Optional[float]]], res_size=(24, 20),
+                   gzipped: bool = False) -> Tuple[str, Dict[str, int]]:
+    """A .filelist.list over sources (name, n_parts, records_per_part, weight) of laion400m parts whose
+    captions are `<name>/p<part>-<i>`. Returns (path, records per source)."""
+    entries, counts = [], {}
+    for k, (name, n_parts, per_part, weight) in enumerate(sources):
+        parts = [records(f"{name}/p{p}", per_part, res_size, seed0=1000 * k + 100 * p) for p in range(n_parts)]
+        entries.append((write_source(root, name, parts, gzipped), weight))
+        counts[name] = n_parts * per_part
+    return write_filelist_list(os.path.join(root, "train.filelist.list"), entries), counts
+
+
+@contextlib.contextmanager
+def open_loader(dataset) -> Iterator:
+    """An iterator over build_dataloader(dataset) whose worker processes are stopped on exit. Paddle's
+    multi-process iterator is referenced by its own reader thread, so dropping it never collects it and its
+    workers would live until the interpreter exits; _try_shutdown_all is what its __del__ would call."""
+    from trainer.loader.text_image_dataset import build_dataloader
+
+    it = iter(build_dataloader(dataset))
+    try:
+        yield it
+    finally:
+        shutdown = getattr(it, "_try_shutdown_all", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def tiny_clip_tokenizer(folder: str):
+    """A real paddlenlp CLIPTokenizer over a byte-level vocabulary written to `folder`."""
+    from paddlenlp.transformers import CLIPTokenizer
+    from paddlenlp.transformers.clip.tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+
+
+# ---- the data tool: jsonl corpora, in-process and CLI runs, reading a dataset back ----
+
+def write_image(path: str, data: bytes) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def write_jsonl(path: str, lines: Iterable[Union[dict, str]]) -> str:
+    """dict lines are JSON-encoded; str lines are written verbatim (for malformed and blank lines)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for ln in lines:
+            f.write((json.dumps(ln, ensure_ascii=False) if isinstance(ln, dict) else ln) + "\n")
+    return path
+
+
+def good_corpus(folder: str, n: int) -> Tuple[str, List[Tuple[str, bytes]]]:
+    """n valid records (mixed JPEG/PNG, RGB/L/RGBA/P) -> (jsonl path, [(caption, image bytes)])."""
+    fmts = [("JPEG", "RGB"), ("PNG", "RGBA"), ("PNG", "L"), ("PNG", "P"), ("JPEG", "L")]
+    expect, lines = [], []
+    for i in range(n):
+        fmt, mode = fmts[i % len(fmts)]
+        data = image_bytes(32 + i % 7, 24 + i % 5, fmt, seed=i, mode=mode)
+        rel = f"img/{i:04d}.{fmt.lower()}"
+        write_image(os.path.join(folder, rel), data)
+        caption = f"a photo number {i}"
+        lines.append({"caption": caption, "image": rel, "image_id": f"id_{i}"})
+        expect.append((caption, data))
+    return write_jsonl(os.path.join(folder, "data.jsonl"), lines), expect
+
+
+def make(inputs: List[str], out: str, **kw) -> dict:
+    """Run in-process with no pool (fast) unless num_workers is given; returns the manifest."""
+    kw.setdefault("num_workers", 0)
+    return run(CreateConfig(input_path=inputs, output_path=out, **kw), log=lambda m: None).manifest
+
+
+def read_dataset(out: str, name: str = "custom_dataset") -> List[Tuple[str, bytes]]:
+    """Every record the filelist.list of NAME leads to, via part_format's reader (one per listed part)."""
+    sources = read_filelist_list(os.path.join(out, "filelist", f"{name}.filelist.list"))
+    records = []
+    for src in sources:
+        for part in dict.fromkeys(src.parts):  # num_repeat lists a part several times
+            for _, raw in iter_part_lines(part):
+                assert raw.count(b"\t") == 2 and raw.endswith(b"\n") and b"\n" not in raw[:-1]
+                records.append(parse_record(raw, "laion400m"))
+    return records
+
+
+def read_rejects(out: str, name: str = "custom_dataset") -> List[dict]:
+    with open(os.path.join(out, f"{name}.rejects.jsonl"), encoding="utf-8") as f:
+        return [json.loads(ln) for ln in f]
+
+
+def part_files(out: str) -> Dict[str, bytes]:
+    folder = os.path.join(out, "laion400m_format_data")
+    return {fn: open(os.path.join(folder, fn), "rb").read() for fn in sorted(os.listdir(folder))}
+
+
+def filelist_names(out: str, name: str = "custom_dataset") -> List[str]:
+    return [os.path.basename(p) for p in read_filelist(os.path.join(out, "filelist", f"{name}.filelist"))]
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, ENTRY, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=ROOT)
