@@ -1,0 +1,67 @@
+"""How every stage turns a command line into its configuration: parse, resolve, save.
+
+- Each stage declares its flags once, as typed dataclasses whose fields carry help text and whose
+  __post_init__ validates them (one line naming the flag on a bad value). The command line is generated from
+  them by paddlenlp's PdArgumentParser, as the reference's train_txt2img_laion400m_trainer.py does.
+- Parsed arguments are never changed afterwards. What a run derives from them and from the machine (component
+  paths, the device's precision, defaults that depend on the core count, notices) is computed by the stage's
+  resolve step into a new, frozen object.
+- That resolved object is what runs, what is logged, and what is saved as JSON beside the outputs
+  (`save_config`), so what is printed is what ran.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import sys
+from typing import Any, List, Optional, Sequence
+
+from data_tools.fileio import write_json_atomic
+
+
+def build_parser(dataclass_types: Sequence[type], **kwargs):
+    """The stage's command line, generated from its dataclasses. Imported lazily: paddlenlp is slow to import."""
+    from paddlenlp.trainer import PdArgumentParser
+
+    return PdArgumentParser(list(dataclass_types), **kwargs)
+
+
+def parse_args(dataclass_types: Sequence[type], argv: Optional[List[str]] = None):
+    """The dataclasses of an entry point from command-line flags (default sys.argv[1:]), or from a single .json
+    argument holding them (as paddlenlp's own scripts accept)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(dataclass_types)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """A resolved config as plain JSON values: dataclasses by field (init and derived fields alike), enums by
+    value, tuples as lists. paddlenlp's TrainingArguments goes through its own to_dict (it hides tokens)."""
+    if dataclasses.is_dataclass(obj) and callable(getattr(obj, "to_dict", None)):
+        return {k: to_jsonable(v) for k, v in obj.to_dict().items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return repr(obj)
+
+
+def save_config(path: str, resolved: Any) -> str:
+    """Write a resolved config as JSON (atomically); returns the path."""
+    write_json_atomic(path, to_jsonable(resolved))
+    return path
+
+
+def format_config(resolved: Any) -> str:
+    """One JSON block for the log: the resolved config, as saved."""
+    return json.dumps(to_jsonable(resolved), ensure_ascii=False, sort_keys=True, indent=1)
