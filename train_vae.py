@@ -10,48 +10,78 @@ OUTPUT/vae_reconstructions.png (inputs above, reconstructions below). Checkpoint
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
+from dataclasses import dataclass
 from itertools import islice
+from typing import Optional, Tuple
 
 import paddle
 from paddlenlp.trainer import set_seed
 
-from sd.eval import sampling
-from sd.args import DataArguments, SDTrainingArguments, parse_args
+from data_tools.fileio import write_json_atomic
+from sd.args import TRAIN_CONFIG_NAME, DataArguments, SDTrainingArguments
+from sd.config import parse_args, save_config
+from sd.device import DeviceFacts, resolve_precision
+from sd.eval.sampling import reconstruct
+from sd.images import grid, to_uint8
 from sd.vae_model import VAEArguments, VAEModel, measure
-from trainer.entry import build_dataset, resolve_checkpoint, setup_logging
+from trainer.entry import build_dataset, log_run_config, resolve_checkpoint
 from trainer.streaming_trainer import StreamingTrainer
 
 logger = logging.getLogger("sd")
 
 
-def eval_batches(data_args, training_args, vae_args):
-    """Deterministic batches (center crop, no flip) of the held-out list, or of the training data."""
-    file_list = vae_args.eval_file_list or data_args.file_list
-    if vae_args.eval_file_list is None:
+@dataclass(frozen=True)
+class VAERun:
+    """The VAE stage's resolved config: what runs, what is logged, what is saved (train_config.json)."""
+
+    vae: VAEArguments
+    data: DataArguments
+    training: SDTrainingArguments  # effective: this device's precision, no UNet image logging
+    notices: Tuple[str, ...]
+
+    def save(self, folder: str) -> str:
+        return save_config(os.path.join(folder, TRAIN_CONFIG_NAME), self)
+
+
+def resolve_vae(vae_args: VAEArguments, data_args: DataArguments, training_args: SDTrainingArguments,
+                device: Optional[DeviceFacts] = None) -> VAERun:
+    precision, notices = resolve_precision(training_args.fp16, training_args.bf16, training_args.fp16_opt_level,
+                                           device or DeviceFacts.detect())
+    training = dataclasses.replace(
+        training_args, fp16=precision.fp16, bf16=precision.bf16, fp16_opt_level=precision.fp16_opt_level,
+        image_logging_steps=0,  # UNet samples do not apply; the stage ends with its own reconstruction grid
+        ignore_data_skip=True)  # the loader resumes by position (see sd/args.resolve_train)
+    return VAERun(vae=vae_args, data=data_args, training=training, notices=tuple(notices))
+
+
+def eval_batches(run: VAERun):
+    """Deterministic batches (center crop, no flip, no caption dropout, in-process) of the held-out list, or of
+    the training data."""
+    if run.vae.eval_file_list is None:
         logger.warning("no --eval_file_list: PSNR is measured on training images, not held-out ones")
-    dataset = build_dataset(data_args, training_args, None, file_list=file_list, center_crop=True,
-                            caption_dropout_prob=0.0, num_workers=0)
-    n = -(-vae_args.num_eval_images // training_args.per_device_train_batch_size)
+    data = dataclasses.replace(run.data, file_list=run.vae.eval_file_list or run.data.file_list, center_crop=True,
+                               random_flip=False, caption_dropout_prob=0.0)
+    dataset = build_dataset(data, run.training, None, num_workers=0)
+    n = -(-run.vae.num_eval_images // run.training.per_device_train_batch_size)
     return [paddle.to_tensor(b["pixel_values"]) for b in islice(iter(dataset), n)]
 
 
-def finish(model: VAEModel, data_args, training_args, vae_args) -> dict:
+def finish(model: VAEModel, run: VAERun) -> dict:
     """Measure PSNR and the latent std, write the scaling factor into vae/config.json, save report and grid."""
-    batches = eval_batches(data_args, training_args, vae_args)
+    out = run.training.output_dir
+    batches = eval_batches(run)
     report = measure(model.vae, batches)
     model.vae.register_to_config(scaling_factor=report["scaling_factor"])
-    model.save_trained(training_args.output_dir)
-    report.update(steps=training_args.max_steps, resolution=data_args.resolution,
-                  held_out=vae_args.eval_file_list is not None, kl_weight=vae_args.kl_weight)
-    with open(os.path.join(training_args.output_dir, "vae_report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
+    model.save_trained(out)
+    report.update(steps=run.training.max_steps, resolution=run.data.resolution,
+                  held_out=run.vae.eval_file_list is not None, kl_weight=run.vae.kl_weight)
+    write_json_atomic(os.path.join(out, "vae_report.json"), report, indent=2)
     first = batches[0][:8]
-    grid = sampling.grid(list(sampling.to_uint8(first)) + list(sampling.reconstruct(model.vae, first)),
-                         cols=first.shape[0])
-    grid.save(os.path.join(training_args.output_dir, "vae_reconstructions.png"))
+    grid(list(to_uint8(first)) + list(reconstruct(model.vae, first)), cols=first.shape[0]).save(
+        os.path.join(out, "vae_reconstructions.png"))
     logger.info("VAE: PSNR %.2f dB on %d %s images; latent std %.4f -> scaling_factor %.5f (in vae/config.json)",
                 report["psnr_db"], report["images"], "held-out" if report["held_out"] else "training",
                 report["latent_std"], report["scaling_factor"])
@@ -59,19 +89,19 @@ def finish(model: VAEModel, data_args, training_args, vae_args) -> dict:
 
 
 def main(argv=None):
-    vae_args, data_args, training_args = parse_args((VAEArguments, DataArguments, SDTrainingArguments), argv)
-    training_args.image_logging_steps = 0  # UNet samples do not apply; the stage ends with its own grid
-    setup_logging(training_args.notices)
-    checkpoint = resolve_checkpoint(training_args)
-    set_seed(training_args.seed)
+    run = resolve_vae(*parse_args((VAEArguments, DataArguments, SDTrainingArguments), argv))
+    log_run_config(run)
+    checkpoint = resolve_checkpoint(run.training)
+    set_seed(run.training.seed)
 
-    model = VAEModel(vae_args, vae_args.build())
-    dataset = build_dataset(data_args, training_args, None)
+    model = VAEModel(run.vae, run.vae.build())
+    dataset = build_dataset(run.data, run.training, None)
     logger.info("data: %s", dataset.describe())
-    trainer = StreamingTrainer(model=model, args=training_args, train_dataset=dataset, model_args=vae_args)
+    trainer = StreamingTrainer(model=model, args=run.training, train_dataset=dataset, run_config=run)
+    trainer.save_run_config(run.training.output_dir)
     trainer.train(resume_from_checkpoint=checkpoint)
-    if training_args.should_save:
-        finish(model, data_args, training_args, vae_args)
+    if run.training.should_save:
+        finish(model, run)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ import threading
 import time
 from typing import Dict, List, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from sd.paths import REPO_ROOT as ROOT
+
 ENTRY = os.path.join(ROOT, "create_pretraining_data.py")
 
 

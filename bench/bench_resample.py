@@ -18,6 +18,7 @@ import argparse
 import os
 import shlex
 import sys
+import tempfile
 import time
 from typing import List
 
@@ -25,13 +26,16 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench_loader import natural_jpeg  # a sibling script: bench/ is on sys.path when run  # noqa: E402
+from trainer.loader.config import DataArguments  # noqa: E402
 from trainer.loader.resample import PILLOW_FILTERS, num_blocks, resample_crop  # noqa: E402
 from trainer.loader.transforms import ImageTransform, open_image  # noqa: E402
 
-def crops(resolution: int, n: int, seed: int) -> List[tuple]:
-    """(decoded image, box in its pixels) pairs, as the loader would resample them."""
+
+def crops(data: DataArguments, n: int, seed: int) -> List[tuple]:
+    """(decoded image, box in its pixels) pairs, as the loader configured by `data` would resample them."""
     rng = np.random.default_rng(seed)
-    tf = ImageTransform(resolution)
+    tf = ImageTransform(data)
+    resolution = data.resolution
     out = []
     for i in range(n):
         w, h = (int(v) for v in rng.integers(2 * resolution, int(3.5 * resolution) + 1, 2))
@@ -59,8 +63,14 @@ def main(argv: List[str] = None) -> int:
     args = p.parse_args(argv)
     print("command: OMP_NUM_THREADS=%s %s %s" % (os.environ.get("OMP_NUM_THREADS", "<unset>"), sys.executable,
                                                  " ".join(shlex.quote(a) for a in sys.argv)))
-    for r in args.resolutions:
-        data = crops(r, args.num_images, args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        # DataArguments checks that its file list exists; the transform never reads it.
+        file_list = os.path.join(tmp, "unused.filelist.list")
+        open(file_list, "w").close()
+        settings = [DataArguments(file_list, resolution=r, interpolation=args.interpolation)
+                    for r in args.resolutions]
+    for r, setting in zip(args.resolutions, settings):
+        data = crops(setting, args.num_images, args.seed)
         out = np.empty((3, r, r), np.float32)
         runs: dict = {"pillow": lambda: [pillow_crop(img, box, r, args.interpolation, out) for img, box in data]}
         for b in args.blocks:

@@ -17,9 +17,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-from paddlenlp.trainer import TrainerCallback  # noqa: E402
+from paddlenlp.trainer import TrainerCallback
 
 
 class StepTimer(TrainerCallback):
@@ -38,17 +36,18 @@ class StepTimer(TrainerCallback):
 def recipe_times(file_list, out_dir, opts):
     import train as train_entry
     from paddlenlp.trainer import set_seed
-    from sd.args import parse_train_args
+    from sd.args import parse_train_args, resolve_train
+    from sd.paths import TINY_INIT_DIR
 
-    argv = ["--do_train", "--pretrained_model_name_or_path", os.path.join(ROOT, "sd", "tiny_init"),
+    argv = ["--do_train", "--pretrained_model_name_or_path", TINY_INIT_DIR,
             "--file_list", file_list, "--output_dir", out_dir, "--resolution", "32", "--center_crop", "True",
             "--per_device_train_batch_size", str(opts.batch_size), "--learning_rate", "1e-3",
             "--max_steps", str(opts.steps), "--logging_steps", "10", "--image_logging_steps", "0",
             "--save_steps", str(10 * opts.steps), "--dataloader_num_workers", str(opts.workers), "--seed", "23",
             "--disable_tqdm", "True", "--report_to", "none"]
-    model_args, data_args, training_args = parse_train_args(argv)
-    set_seed(training_args.seed)
-    trainer = train_entry.build_trainer(model_args, data_args, training_args)
+    run = resolve_train(*parse_train_args(argv))
+    set_seed(run.training.seed)
+    trainer = train_entry.build_trainer(run)
     timer = StepTimer()
     trainer.add_callback(timer)
     trainer.train()
@@ -62,15 +61,16 @@ def bare_times(trainer, opts):
 
     from paddlenlp.trainer import set_seed
     from sd.args import ModelArguments
+    from sd.components import resolve_components
     from sd.model import LatentDiffusionModel
+    from sd.paths import TINY_INIT_DIR
 
     set_seed(23)
-    model = LatentDiffusionModel.from_args(ModelArguments(pretrained_model_name_or_path=os.path.join(
-        ROOT, "sd", "tiny_init")))
+    model = LatentDiffusionModel.from_components(ModelArguments(), resolve_components("train", TINY_INIT_DIR))
     model.train()
     batches = [{k: paddle.to_tensor(v) for k, v in b.items() if k != "loader_state"}
                for b in islice(iter(trainer.train_dataset), opts.steps)]
-    opt = paddle.optimizer.AdamW(learning_rate=1e-3, parameters=model.param_groups(1e-3)[0]["params"],
+    opt = paddle.optimizer.AdamW(learning_rate=1e-3, parameters=model.param_groups()[0]["params"],
                                  weight_decay=0.0)
     times, last = [], None
     for step, batch in enumerate(batches):

@@ -1,5 +1,7 @@
 """create_pretraining_data.py: jsonl of {caption, image path} -> laion400m part files + filelists + manifest.
 
+Configuration: data_tools/create_config.py (the flags, validated once, and the resolved run that run() takes).
+
 Pipeline: the main process streams the jsonl lines (memory flat whatever the input size) into batches of at
 most BATCH records, a bounded number of batches is in flight in a process pool (`--num_workers`), and the
 results are consumed in submission order, so the output bytes do not depend on the worker count. Workers
@@ -28,21 +30,21 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import re
 import sys
 import time
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
-from glob import glob
+from collections import Counter, deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from typing import Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
+from data_tools.create_config import CreateDataRun
 from data_tools.create_outputs import (DATA_FORMAT, JOURNAL_VERSION, BlockEntry, CreateDataError, Journal,
                                        RunPaths, prepare_output, run_name, write_dataset_files,
                                        write_rejects_from_journal)
-from data_tools.image_check import (DEFAULT_MAX_IMAGE_PIXELS, Outcome, RecordConfig, apply_pixel_limit,
-                                    init_worker, process_batch, worker_batch)
-from data_tools.part_format import FORMAT_VERSION, PartWriter, open_part_writer, part_name, sha256_file
+from data_tools.fileio import sha256_file
+from data_tools.image_check import Outcome, apply_pixel_limit, init_worker, process_batch, worker_batch
+from data_tools.part_format import FORMAT_VERSION, PartWriter, open_part_writer, part_name
+from sd.config import to_jsonable
 
 BATCH = 8  # records per pool task: amortises IPC; with 200 KB JPEGs a batch is ~2 MB of base64 in flight
 CREATED_BY = "create_pretraining_data.py"
@@ -52,79 +54,7 @@ class RejectRatioExceeded(CreateDataError):
     pass
 
 
-@dataclass
-class CreateConfig:
-    input_path: List[str] = field(default_factory=list)
-    output_path: str = ""
-    output_name: str = "custom_dataset"
-    caption_key: str = "caption"
-    image_key: str = "image"
-    per_part_file_num: int = 1000
-    save_gzip_file: bool = False
-    num_repeat: int = 1
-    num_workers: int = 0  # 0: in this process (no pool); the CLI defaults to os.cpu_count()
-    gzip_level: int = 6
-    image_root: Optional[str] = None
-    allow_outside_root: bool = False
-    allow_empty_caption: bool = False
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    min_image_size: int = 0
-    max_side: Optional[int] = None
-    jpeg_quality: int = 95
-    resume: bool = False
-    overwrite: bool = False
-    num_shards: int = 1
-    shard_id: int = 0
-    max_reject_ratio: float = 1.0
-    progress_interval: float = 2.0
-
-    def validate(self) -> None:
-        checks = [
-            (bool(self.input_path), "--input_path names no file"),
-            (bool(self.output_path), "--output_path is required"),
-            (bool(self.output_name) and "/" not in self.output_name, "--output_name must be a plain file name"),
-            (self.per_part_file_num >= 1, "--per_part_file_num must be >= 1"),
-            (self.num_repeat >= 1, "--num_repeat must be >= 1"),
-            (self.num_workers >= 0, "--num_workers must be >= 0"),
-            (0 <= self.gzip_level <= 9, "--gzip_level must be in 0..9"),
-            (self.max_image_pixels >= 1, "--max_image_pixels must be >= 1"),
-            (self.min_image_size >= 0, "--min_image_size must be >= 0"),
-            (self.max_side is None or self.max_side >= 1, "--max_side must be >= 1"),
-            (1 <= self.jpeg_quality <= 100, "--jpeg_quality must be in 1..100"),
-            (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
-            (self.num_shards >= 1, "--num_shards must be >= 1"),
-            (0 <= self.shard_id < self.num_shards, f"--shard_id must be in 0..{self.num_shards - 1}"),
-            (0.0 <= self.max_reject_ratio <= 1.0, "--max_reject_ratio must be in 0..1"),
-            (self.image_root is None or os.path.isdir(self.image_root),
-             f"--image_root {self.image_root} is not a folder"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise CreateDataError(msg)
-
-
-def expand_inputs(patterns: List[str]) -> List[str]:
-    """Absolute input paths: plain paths in the order given, globs expanded sorted. Each must be a readable
-    file, named once."""
-    paths: List[str] = []
-    for pattern in patterns:
-        matches = sorted(glob(pattern)) if re.search(r"[*?[]", pattern) else [pattern]
-        if not matches:
-            raise CreateDataError(f"--input_path {pattern!r} matches no file")
-        for m in matches:
-            path = os.path.abspath(m)
-            if not os.path.isfile(path):
-                raise CreateDataError(f"cannot read input file {path}: " +
-                                      ("it is not a file" if os.path.exists(path) else "no such file"))
-            if not os.access(path, os.R_OK):
-                raise CreateDataError(f"cannot read input file {path}: permission denied")
-            if path in paths:
-                raise CreateDataError(f"input file {path} is named twice by --input_path")
-            paths.append(path)
-    return paths
-
-
-def iter_input(sources: List[str]) -> Iterator[Tuple[int, int, bytes]]:
+def iter_input(sources: Tuple[str, ...]) -> Iterator[Tuple[int, int, bytes]]:
     """(source index, 1-based line number, raw line) of every non-blank line; blank lines are not records."""
     for si, path in enumerate(sources):
         with open(path, "rb") as f:
@@ -136,7 +66,7 @@ def iter_input(sources: List[str]) -> Iterator[Tuple[int, int, bytes]]:
 class BlockSink:
     """Consumes outcomes in input order; turns each finished block into a part plus a journal line."""
 
-    def __init__(self, cfg: CreateConfig, paths: RunPaths, journal: Journal, sources: List[str]):
+    def __init__(self, cfg: CreateDataRun, paths: RunPaths, journal: Journal, sources: Tuple[str, ...]):
         self.cfg, self.paths, self.journal, self.sources = cfg, paths, journal, sources
         self.entries: List[BlockEntry] = []
         self.block: Optional[int] = None
@@ -173,9 +103,7 @@ class BlockSink:
             final = os.path.join(self.paths.data_dir, name)
             os.replace(self._tmp(), final)
             size, digest = os.path.getsize(final), sha256_file(final)
-        counts: Dict[str, int] = {}
-        for r in self._rejects:
-            counts[r["reason"]] = counts.get(r["reason"], 0) + 1
+        counts = Counter(r["reason"] for r in self._rejects)
         entry = BlockEntry(self.block, self.block * self.cfg.per_part_file_num, self._count, self._records, name,
                            size, digest, counts)
         self.journal.append(entry, self._rejects)
@@ -183,14 +111,11 @@ class BlockSink:
         self.block, self._part, self._records, self._count, self._rejects = None, None, 0, 0, []
 
 
-class _Ready:
-    """An already computed result with the Future interface (the in-process path, --num_workers 0)."""
-
-    def __init__(self, value: List[Outcome]):
-        self._value = value
-
-    def result(self) -> List[Outcome]:
-        return self._value
+def _done(value: List[Outcome]) -> Future:
+    """An already computed result as a Future (the in-process path, --num_workers 0)."""
+    fut: Future = Future()
+    fut.set_result(value)
+    return fut
 
 
 @dataclass
@@ -201,26 +126,17 @@ class RunResult:
     duration_s: float
 
 
-def run(cfg: CreateConfig, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> RunResult:
-    """Do one (shard of a) dataset run. Raises CreateDataError on fatal problems."""
+def run(cfg: CreateDataRun, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> RunResult:
+    """Do one (shard of a) dataset run of a resolved config (create_config.resolve). Raises CreateDataError on
+    fatal problems."""
     t0 = time.monotonic()
-    cfg.validate()
-    sources = expand_inputs(cfg.input_path)
+    sources = cfg.input_files
     if next(iter_input(sources), None) is None:
         raise CreateDataError(f"the input files hold no records: {', '.join(sources)}")
-    root = os.path.abspath(cfg.image_root) if cfg.image_root else None
-    rcfg = RecordConfig(cfg.caption_key, cfg.image_key, tuple(root or os.path.dirname(s) for s in sources),
-                        cfg.allow_outside_root, cfg.allow_empty_caption, cfg.max_image_pixels, cfg.min_image_size,
-                        cfg.max_side, cfg.jpeg_quality)
-    # Everything that changes the bytes of a part; a resumed run must match it exactly.
-    settings = {k: getattr(cfg, k) for k in ("caption_key", "image_key", "per_part_file_num", "save_gzip_file",
-                                              "gzip_level", "allow_outside_root", "allow_empty_caption",
-                                              "max_image_pixels", "min_image_size", "max_side", "jpeg_quality",
-                                              "num_shards", "shard_id")}
-    settings["image_root"] = root
+    settings = cfg.part_settings()  # a resumed run must match these exactly
     inputs = [{"path": s, "size": os.path.getsize(s), "mtime_ns": os.stat(s).st_mtime_ns} for s in sources]
     header = {"journal_version": JOURNAL_VERSION, "settings": settings, "inputs": inputs}
-    paths = RunPaths(os.path.abspath(cfg.output_path), run_name(cfg.output_name, cfg.num_shards, cfg.shard_id))
+    paths = RunPaths(cfg.output_path, run_name(cfg.output_name, cfg.num_shards, cfg.shard_id))
 
     def owns(block: int) -> bool:
         return block % cfg.num_shards == cfg.shard_id
@@ -230,7 +146,7 @@ def run(cfg: CreateConfig, log: Callable[[str], None] = lambda m: print(m, file=
         log(f"resume: {len(done)} blocks already complete, skipping them")
     sink = BlockSink(cfg, paths, journal, sources)
     try:
-        total = _pump(cfg, rcfg, sources, owns, done, sink, log)
+        total = _pump(cfg, owns, done, sink, log)
     finally:
         journal.close()
     P = cfg.per_part_file_num
@@ -240,10 +156,9 @@ def run(cfg: CreateConfig, log: Callable[[str], None] = lambda m: print(m, file=
         raise CreateDataError(f"blocks done {[e.block for e in entries][:8]}... != expected {expected[:8]}...; "
                               "did an input file change during the run?")
     write_rejects_from_journal(paths.journal, entries, paths.rejects)
-    by_reason: Dict[str, int] = {}
+    by_reason: Counter = Counter()
     for e in entries:
-        for reason, n in e.reject_counts.items():
-            by_reason[reason] = by_reason.get(reason, 0) + n
+        by_reason.update(e.reject_counts)
     owned_records = sum(e.count for e in entries)
     written = sum(e.records for e in entries)
     rejected = owned_records - written
@@ -255,10 +170,9 @@ def run(cfg: CreateConfig, log: Callable[[str], None] = lambda m: print(m, file=
             f"--resume --max_reject_ratio {min(1.0, round(rejected / owned_records + 0.005, 2))}")
     parts = [{"path": os.path.join(paths.data_dir, e.part), "records": e.records, "bytes": e.bytes,
               "sha256": e.sha256, "block": e.block} for e in entries if e.part]
-    arguments = asdict(cfg)
     manifest = {
         "format_version": FORMAT_VERSION, "data_format": DATA_FORMAT, "created_by": CREATED_BY,
-        "arguments": arguments, "settings": settings, "inputs": inputs, "input_records": total,
+        "arguments": to_jsonable(cfg), "settings": settings, "inputs": inputs, "input_records": total,
         "records_written": written, "records_rejected": rejected, "rejects_by_reason": dict(sorted(by_reason.items())),
         "parts": parts, "blocks": [e.block for e in entries], "num_repeat": cfg.num_repeat,
         "num_shards": cfg.num_shards, "shard_id": cfg.shard_id,
@@ -268,18 +182,18 @@ def run(cfg: CreateConfig, log: Callable[[str], None] = lambda m: print(m, file=
     return RunResult(manifest, paths, sink.processed, duration)
 
 
-def _pump(cfg: CreateConfig, rcfg: RecordConfig, sources: List[str], owns: Callable[[int], bool],
-          done: Dict[int, BlockEntry], sink: BlockSink, log: Callable[[str], None]) -> int:
+def _pump(cfg: CreateDataRun, owns: Callable[[int], bool], done: Dict[int, BlockEntry], sink: BlockSink,
+          log: Callable[[str], None]) -> int:
     """Stream records through the workers into `sink`, in input order. Returns the number of input records."""
     P, batch_size = cfg.per_part_file_num, min(BATCH, cfg.per_part_file_num)
     # Bounded in-flight work is what keeps memory flat: reading stops while this many batches are out.
     max_inflight = 2 * cfg.num_workers + 2
-    pending: Deque[Tuple[int, List[Tuple[int, int, int]], object]] = deque()
+    pending: Deque[Tuple[int, List[Tuple[int, int, int]], Future]] = deque()
     executor = None
     if cfg.num_workers > 0:
         # forkserver, not fork: the caller (a test run, a trainer) may hold threads that fork would copy mid-lock
         executor = ProcessPoolExecutor(cfg.num_workers, mp_context=multiprocessing.get_context("forkserver"),
-                                       initializer=init_worker, initargs=(rcfg, os.getpid()))
+                                       initializer=init_worker, initargs=(cfg, os.getpid()))
     else:
         apply_pixel_limit(cfg.max_image_pixels)
     progress = _Progress(cfg.progress_interval, log)
@@ -292,14 +206,14 @@ def _pump(cfg: CreateConfig, rcfg: RecordConfig, sources: List[str], owns: Calla
 
     def submit(block: int, batch: List[Tuple[int, int, int, bytes]]) -> None:
         tasks = [(si, n == 1, raw) for _, si, n, raw in batch]
-        fut = executor.submit(worker_batch, tasks) if executor else _Ready(process_batch(rcfg, tasks))
+        fut = executor.submit(worker_batch, tasks) if executor else _done(process_batch(cfg, tasks))
         pending.append((block, [(i, si, n) for i, si, n, _ in batch], fut))
 
     total = 0
     batch: List[Tuple[int, int, int, bytes]] = []
     batch_block = -1
     try:
-        for si, n, raw in iter_input(sources):
+        for si, n, raw in iter_input(cfg.input_files):
             index, total = total, total + 1
             block = index // P
             if not owns(block) or block in done:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import heapq
 import json
 import os
-from contextlib import contextmanager
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import IO, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
-from data_tools.part_format import (DATA_DIR_NAME, FILELIST_DIR_NAME, manifest_path, part_index, read_manifest,
-                                    sha256_file, write_text_atomic)
+from data_tools.fileio import atomic_writer, sha256_file, write_json_atomic, write_text_atomic
+from data_tools.part_format import DATA_DIR_NAME, FILELIST_DIR_NAME, manifest_path, part_index, read_manifest
 
 JOURNAL_VERSION = 1
 DATA_FORMAT = "laion400m"
@@ -86,24 +86,8 @@ class BlockEntry:
     part: Optional[str]  # file name in the data folder; None when every record of the block was rejected
     bytes: int
     sha256: Optional[str]
-    reject_counts: Dict[str, int] = field(default_factory=dict)
+    reject_counts: Counter = field(default_factory=Counter)  # reason -> records
     offset: int = -1  # byte offset of its journal line, to stream its rejects out at the end
-
-
-@contextmanager
-def atomic_writer(path: str) -> Iterator[IO[bytes]]:
-    """A binary file that appears under `path` complete or not at all (streaming counterpart of
-    part_format.write_text_atomic, for files too large to build in memory)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):  # only when the body raised: leave no debris, the error propagates
-            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------------------------- journal
@@ -115,7 +99,7 @@ class Journal:
         self.path = path
         old = open(path, "rb") if keep else None
         try:
-            with atomic_writer(path) as f:
+            with atomic_writer(path, "wb") as f:
                 f.write(_json_line(header))
                 for e in sorted(keep, key=lambda e: e.block):
                     old.seek(e.offset)
@@ -164,9 +148,7 @@ def load_journal(path: str) -> Tuple[dict, List[BlockEntry], bool]:
             if not raw.endswith(b"\n"):  # torn write of a killed run: that block was never confirmed
                 return header, entries, True
             obj = _parse_journal_line(path, n, raw)
-            counts: Dict[str, int] = {}
-            for r in obj["rejects"]:
-                counts[r["reason"]] = counts.get(r["reason"], 0) + 1
+            counts = Counter(r["reason"] for r in obj["rejects"])
             entries.append(BlockEntry(obj["block"], obj["start"], obj["count"], obj["records"], obj["part"],
                                       obj["bytes"], obj["sha256"], counts, offset))
 
@@ -238,7 +220,7 @@ def prepare_output(paths: RunPaths, owns: Callable[[int], bool], header: dict, r
 # ----------------------------------------------------------------------------------------------- finish
 def write_rejects_from_journal(journal: str, entries: List[BlockEntry], out: str) -> None:
     """NAME.rejects.jsonl in input order, streamed from the journal lines of the blocks."""
-    with open(journal, "rb") as src, atomic_writer(out) as dst:
+    with open(journal, "rb") as src, atomic_writer(out, "wb") as dst:
         for e in sorted(entries, key=lambda e: e.block):
             src.seek(e.offset)
             for r in json.loads(src.readline())["rejects"]:
@@ -250,7 +232,7 @@ def write_dataset_files(paths: RunPaths, parts: List[str], num_repeat: int, mani
     text = "".join(p + "\n" for _ in range(num_repeat) for p in parts)
     write_text_atomic(paths.filelist, text)
     write_text_atomic(paths.filelist_list, os.path.abspath(paths.filelist) + "\n")
-    write_text_atomic(paths.manifest, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    write_json_atomic(paths.manifest, manifest)
 
 
 def merge_shards(out: str, name: str, num_shards: int, num_repeat: int, extra: dict) -> dict:
@@ -284,16 +266,15 @@ def merge_shards(out: str, name: str, num_shards: int, num_repeat: int, extra: d
     paths = RunPaths(out, name)
     files = [open(p.rejects, "rb") for p in shard_paths]
     try:
-        with atomic_writer(paths.rejects) as dst:
+        with atomic_writer(paths.rejects, "wb") as dst:
             for line in heapq.merge(*files, key=lambda raw: json.loads(raw)["index"]):
                 dst.write(line)
     finally:
         for f in files:
             f.close()
-    by_reason: Dict[str, int] = {}
+    by_reason: Counter = Counter()
     for m in shards:
-        for reason, n in m["rejects_by_reason"].items():
-            by_reason[reason] = by_reason.get(reason, 0) + n
+        by_reason.update(m["rejects_by_reason"])
     manifest = dict(first, **extra)
     manifest.update(
         settings={k: v for k, v in first["settings"].items() if k != "shard_id"}, shard_id=None,

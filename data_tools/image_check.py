@@ -1,5 +1,6 @@
 """Per-record work of create_pretraining_data.py: parse one jsonl line, find and fully decode its image, and
-encode the laion400m line. Runs in the worker processes; nothing here touches the output folder.
+encode the laion400m line. Runs in the worker processes; nothing here touches the output folder. What a worker
+needs to know is the run's resolved config (data_tools/create_config.CreateDataRun), sent once per worker.
 
 Every way a record can fail has its own reason key (REASONS) so the rejects file and the summary can say how
 many records were lost to what. Failures are raised as part_format.RecordError(reason, detail).
@@ -10,15 +11,14 @@ import io
 import json
 import os
 import struct
-import threading
-import time
 import warnings
-from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 from PIL import Image, ImageOps
 
+from data_tools.create_config import DEFAULT_MAX_IMAGE_PIXELS, CreateDataRun
 from data_tools.part_format import RecordError, encode_record, sanitize_caption
+from trainer.launch.reaper import die_with_parent
 
 # Reject reasons, each distinct so a count points at one cause.
 MALFORMED_JSON = "malformed_json"
@@ -40,27 +40,13 @@ REASONS = (MALFORMED_JSON, NOT_OBJECT, MISSING_CAPTION, CAPTION_NOT_STRING, BLAN
            IMAGE_NOT_STRING, IMAGE_MISSING, IMAGE_UNREADABLE, OUTSIDE_ROOT, EMPTY_FILE, NOT_AN_IMAGE, TRUNCATED,
            TOO_MANY_PIXELS, TOO_SMALL)
 
-# PIL's own default bound (Image.MAX_IMAGE_PIXELS): ~ a 9459 x 9459 image, 268 MB as RGB.
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 # Exceptions Pillow's decoders raise on corrupt input (the set its fuzz tests accept); anything else is a bug
 # and must surface, not become a reject.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, struct.error)
 _PNG_END = b"IEND\xaeB`\x82"
 
 
-@dataclass(frozen=True)
-class RecordConfig:
-    """What a worker needs to turn one jsonl line into a part line. Picklable (sent once per worker)."""
-
-    caption_key: str = "caption"
-    image_key: str = "image"
-    roots: Tuple[str, ...] = ()  # image root of each input file, by source index
-    allow_outside_root: bool = False
-    allow_empty_caption: bool = False
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    min_image_size: int = 0
-    max_side: Optional[int] = None
-    jpeg_quality: int = 95
+# The name the pool plumbing below knows the worker's config by: the resolved run itself.
 
 
 def resolve_image_path(value: str, root: str, allow_outside_root: bool) -> str:
@@ -91,7 +77,7 @@ def _truncated_or_corrupt(img_format: Optional[str], data: bytes, err: BaseExcep
     return RecordError(NOT_AN_IMAGE, f"undecodable {img_format or 'image'}: {msg}")
 
 
-def check_image(data: bytes, cfg: RecordConfig) -> bytes:
+def check_image(data: bytes, cfg: CreateDataRun) -> bytes:
     """Fully decode `data`; return the bytes to store (the original bytes, or a JPEG re-encode when `max_side`
     asks for a downscale). Raises RecordError for anything a trainer could not use."""
     if not data:
@@ -131,7 +117,7 @@ def check_image(data: bytes, cfg: RecordConfig) -> bytes:
         return out.getvalue()
 
 
-def process_line(raw: bytes, source_index: int, cfg: RecordConfig, first_line: bool = False) -> bytes:
+def process_line(raw: bytes, source_index: int, cfg: CreateDataRun, first_line: bool = False) -> bytes:
     """One jsonl line -> one encoded part line (caption<TAB>NONE<TAB>base64, newline-terminated)."""
     if first_line and raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]  # a UTF-8 byte order mark some editors put at the start of a file
@@ -156,7 +142,7 @@ def process_line(raw: bytes, source_index: int, cfg: RecordConfig, first_line: b
     image = obj[cfg.image_key]
     if not isinstance(image, str):
         raise RecordError(IMAGE_NOT_STRING, f"{cfg.image_key!r} is a {type(image).__name__}")
-    path = resolve_image_path(image, cfg.roots[source_index], cfg.allow_outside_root)
+    path = resolve_image_path(image, cfg.image_roots[source_index], cfg.allow_outside_root)
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -174,7 +160,7 @@ Outcome = Union[bytes, Tuple[str, str]]
 Task = Sequence[Tuple[int, bool, bytes]]  # (source index, is first line of its file, raw line)
 
 
-def process_batch(cfg: RecordConfig, batch: Task) -> List[Outcome]:
+def process_batch(cfg: CreateDataRun, batch: Task) -> List[Outcome]:
     out: List[Outcome] = []
     for source_index, first_line, raw in batch:
         try:
@@ -192,34 +178,17 @@ def apply_pixel_limit(max_image_pixels: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------- pool plumbing
-_WORKER_CFG: Optional[RecordConfig] = None
+_WORKER_CFG: Optional[CreateDataRun] = None
 
 
-def init_worker(cfg: RecordConfig, main_pid: int) -> None:
-    """Pool initializer: the config travels once per worker, not once per task."""
+def init_worker(cfg: CreateDataRun, main_pid: int) -> None:
+    """Pool initializer: the config travels once per worker, not once per task. A worker holds both ends of its
+    result pipe, so when the main process is SIGKILLed (OOM killer, a user) it would block forever writing a
+    result and keep the forkserver alive with it: nobody is left to report to, so it leaves at once."""
     global _WORKER_CFG
     _WORKER_CFG = cfg
     apply_pixel_limit(cfg.max_image_pixels)
-    if os.path.isfile(f"/proc/{main_pid}/stat"):  # Linux; elsewhere a killed main can leave a stuck worker
-        threading.Thread(target=_exit_when_gone, args=(main_pid,), name="main-watchdog", daemon=True).start()
-
-
-def _exit_when_gone(main_pid: int, period: float = 0.5) -> None:
-    """A worker holds both ends of its result pipe, so when the main process is SIGKILLed (OOM killer, a user)
-    the worker blocks forever writing a result, and keeps the forkserver alive with it. Nobody is left to
-    report to: leave at once."""
-    while _alive(main_pid):
-        time.sleep(period)
-    os._exit(70)
-
-
-def _alive(pid: int) -> bool:
-    """Running, i.e. neither gone nor a zombie waiting to be reaped (a killed child of a live shell or test)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False
+    die_with_parent(main_pid)  # the forkserver is the direct parent: this polls for the main process
 
 
 def worker_batch(batch: Task) -> List[Outcome]:

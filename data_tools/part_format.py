@@ -197,16 +197,6 @@ def iter_part_lines(path: str, start_line: int = 0) -> Iterator[Tuple[int, bytes
             raise RecordError("truncated_part", f"{path} after line {i + 1}: {e}") from None
 
 
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------- filelists
 def _resolve(path: str, naming_file: str) -> str:
     """Relative paths resolve against the folder of the file that names them."""
@@ -267,16 +257,6 @@ def read_filelist_list(path: str, check_parts: bool = True) -> List[Source]:
     if not any(src.parts for src in sources):
         raise ValueError(f"{path}: its filelists list no part files")
     return sources
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Write then rename, so a reader never sees a half-written filelist or manifest."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------- manifest

@@ -52,16 +52,16 @@ def zero_init_unet(unet: UNet2DConditionModel) -> None:
             zero(m.proj_out)
 
 
-def load_unet(model_args) -> UNet2DConditionModel:
-    if model_args.unet_from_config:
-        with open(model_args.unet_path, encoding="utf-8") as f:
+def load_unet(path: str, from_config: bool) -> UNet2DConditionModel:
+    if from_config:
+        with open(path, encoding="utf-8") as f:
             config = json.load(f)
         unet = UNet2DConditionModel.from_config(config)
         zero_init_unet(unet)
-        logger.info("UNet: from scratch, config %s (zeroed conv_out, resnet conv2, proj_out)", model_args.unet_path)
+        logger.info("UNet: from scratch, config %s (zeroed conv_out, resnet conv2, proj_out)", path)
     else:
-        unet = UNet2DConditionModel.from_pretrained(model_args.unet_path)
-        logger.info("UNet: pretrained weights from %s", model_args.unet_path)
+        unet = UNet2DConditionModel.from_pretrained(path)
+        logger.info("UNet: pretrained weights from %s", path)
     return unet
 
 
@@ -69,9 +69,12 @@ class LatentDiffusionModel(nn.Layer):
     uses_sample_keys = True  # forward() takes the Trainer's per-sample keys for its random draws
 
     def __init__(self, model_args, vae: AutoencoderKL, text_encoder: CLIPTextModel,
-                 unet: UNet2DConditionModel, noise_scheduler: DDPMScheduler):
+                 unet: UNet2DConditionModel, noise_scheduler: DDPMScheduler, text_encoder_lr_scale: float = 1.0):
         super().__init__()
         self.model_args = model_args
+        # The text encoder's rate as a multiple of the scheduler's (the UNet's) rate: paddle's per-group
+        # learning_rate is a multiplier.
+        self.text_encoder_lr_scale = text_encoder_lr_scale
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
         self.noise_scheduler = noise_scheduler
         self.prediction_type = model_args.prediction_type
@@ -80,7 +83,7 @@ class LatentDiffusionModel(nn.Layer):
         text_dim = text_encoder.config.hidden_size
         if unet.config.cross_attention_dim != text_dim:
             raise ValueError(f"UNet cross_attention_dim {unet.config.cross_attention_dim} != text encoder hidden "
-                             f"size {text_dim} ({model_args.unet_path} vs {model_args.text_encoder_path})")
+                             f"size {text_dim}")
         if unet.config.in_channels != vae.config.latent_channels:
             raise ValueError(f"UNet in_channels {unet.config.in_channels} != VAE latent_channels "
                              f"{vae.config.latent_channels}")
@@ -92,17 +95,33 @@ class LatentDiffusionModel(nn.Layer):
         self.model_ema = LitEma(self.unet, decay=model_args.ema_decay) if model_args.use_ema else None
 
     @classmethod
-    def from_args(cls, model_args) -> "LatentDiffusionModel":
-        vae = AutoencoderKL.from_pretrained(model_args.vae_path)
-        text_encoder = CLIPTextModel.from_pretrained(model_args.text_encoder_path)
-        unet = load_unet(model_args)
-        if model_args.scheduler_path:  # the folder's own schedule (clip_sample, steps_offset, ...) is kept
-            scheduler = DDPMScheduler.from_pretrained(model_args.scheduler_path,
-                                                      prediction_type=model_args.prediction_type)
+    def from_run(cls, run) -> "LatentDiffusionModel":
+        """The model of a resolved TrainRun (sd/args.py), its features (recompute, attention, fused linear,
+        compiled UNet) switched on as resolved for this device."""
+        model = cls.from_components(run.model, run.components,
+                                    text_encoder_lr_scale=run.text_encoder_learning_rate / run.unet_learning_rate)
+        if run.features.recompute:
+            model.enable_recompute()
+        if run.features.memory_efficient_attention:
+            model.enable_memory_efficient_attention()
+        if run.features.fused_linear:
+            model.enable_fused_linear()
+        if run.features.static_unet:
+            model.compile_unet()
+        return model
+
+    @classmethod
+    def from_components(cls, model_args, parts, text_encoder_lr_scale: float = 1.0) -> "LatentDiffusionModel":
+        """The model from resolved component paths (sd/components.Components), weights loaded, nothing enabled."""
+        vae = AutoencoderKL.from_pretrained(parts.vae)
+        text_encoder = CLIPTextModel.from_pretrained(parts.text_encoder)
+        unet = load_unet(parts.unet, parts.unet_from_config)
+        if parts.scheduler:  # the folder's own schedule (clip_sample, steps_offset, ...) is kept
+            scheduler = DDPMScheduler.from_pretrained(parts.scheduler, prediction_type=model_args.prediction_type)
         else:  # SD v1's schedule, as the tiny init folder has it
             with open(SCHEDULER_SD_V1, encoding="utf-8") as f:
                 scheduler = DDPMScheduler.from_config(json.load(f), prediction_type=model_args.prediction_type)
-        return cls(model_args, vae, text_encoder, unet, scheduler)
+        return cls(model_args, vae, text_encoder, unet, scheduler, text_encoder_lr_scale)
 
     def train(self):
         """The Trainer calls model.train() every step; frozen parts stay in eval mode."""
@@ -113,13 +132,12 @@ class LatentDiffusionModel(nn.Layer):
         return self
 
     # ------------------------------------------------------------------------------------------ trainer hooks
-    def param_groups(self, base_lr: float):
+    def param_groups(self):
         """Optimizer groups; paddle's per-group learning_rate is a multiplier of the scheduler's value."""
         groups = [{"params": [p for p in self.unet.parameters() if not p.stop_gradient], "learning_rate": 1.0}]
         if self.train_text_encoder:
-            te_lr = self.model_args.text_encoder_learning_rate or base_lr
             groups.append({"params": [p for p in self.text_encoder.parameters() if not p.stop_gradient],
-                           "learning_rate": te_lr / base_lr})
+                           "learning_rate": self.text_encoder_lr_scale})
         return groups
 
     def save_trained(self, output_dir: str, only_updated: bool, tokenizer=None) -> None:

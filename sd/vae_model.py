@@ -5,6 +5,7 @@ load_trained, on_train_batch_end), so the one StreamingTrainer trains both stage
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,7 +30,6 @@ class VAEArguments:
     eval_file_list: Optional[str] = field(
         default=None, metadata={"help": "Held-out .filelist.list for PSNR (default: the training data, flagged)."})
     num_eval_images: int = field(default=64, metadata={"help": "Images for PSNR and the latent scaling factor."})
-    max_nonfinite_steps: int = field(default=20, metadata={"help": "Consecutive non-finite steps that stop the run."})
 
     def __post_init__(self):
         if (self.vae_config is None) == (self.vae_name_or_path is None):
@@ -54,8 +54,10 @@ class VAEArguments:
 
 
 class VAEModel(nn.Layer):
+    """The VAE stage's side of the model-to-trainer contract (trainer/contract.py TrainableModel)."""
+
+    uses_sample_keys = False  # the posterior sample comes from paddle's RNG, restored exactly on resume
     train_text_encoder = False
-    model_ema = None
 
     def __init__(self, vae_args: VAEArguments, vae: AutoencoderKL):
         super().__init__()
@@ -66,7 +68,7 @@ class VAEModel(nn.Layer):
         recon = self.vae.decode(posterior.sample()).sample
         return losses.vae_loss(recon, pixel_values, posterior.kl(), self.vae_args.kl_weight, self.vae_args.recon_loss)
 
-    def param_groups(self, base_lr: float):
+    def param_groups(self):
         return [{"params": list(self.vae.parameters()), "learning_rate": 1.0}]
 
     def save_trained(self, output_dir: str, only_updated: bool = True, tokenizer=None) -> None:
@@ -82,7 +84,10 @@ class VAEModel(nn.Layer):
         self.vae.set_state_dict(AutoencoderKL.from_pretrained(vae_dir).state_dict())
 
     def on_train_batch_end(self) -> None:
-        pass
+        pass  # no EMA for the VAE stage
+
+    def ema_scope(self):
+        return contextlib.nullcontext()
 
 
 @paddle.no_grad()

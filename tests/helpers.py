@@ -16,10 +16,11 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 import numpy as np
 from PIL import Image
 
-from data_tools.create_data import CreateConfig, run
+from data_tools.create_config import CreateDataArguments, resolve
+from data_tools.create_data import RunResult, run
+from data_tools.fileio import write_text_atomic
 from data_tools.part_format import (DATA_DIR_NAME, FILELIST_DIR_NAME, FORMAT_VERSION, encode_record,
-                                    iter_part_lines, manifest_path, parse_record, read_filelist, read_filelist_list,
-                                    write_text_atomic)
+                                    iter_part_lines, manifest_path, parse_record, read_filelist, read_filelist_list)
 from sd.paths import REPO_ROOT, TINY_INIT_DIR
 from sd.tiny.make_demo_data import make_demo_parts
 
@@ -116,6 +117,17 @@ def open_loader(dataset) -> Iterator:
             shutdown()
 
 
+def image_transform(folder: str, resolution: int, **data_kw):
+    """The loader's ImageTransform for image-only tests, configured as training configures it (DataArguments).
+    DataArguments checks that its file list exists and the transform never reads it: an empty one is written."""
+    from trainer.loader.config import DataArguments
+    from trainer.loader.transforms import ImageTransform
+
+    file_list = os.path.join(folder, "unused.filelist.list")
+    write_text_atomic(file_list, "")
+    return ImageTransform(DataArguments(file_list, resolution=resolution, **data_kw))
+
+
 def tiny_clip_tokenizer(folder: str):
     """A real paddlenlp CLIPTokenizer over a byte-level vocabulary written to `folder`."""
     from paddlenlp.transformers import CLIPTokenizer
@@ -163,10 +175,16 @@ def good_corpus(folder: str, n: int) -> Tuple[str, List[Tuple[str, bytes]]]:
     return write_jsonl(os.path.join(folder, "data.jsonl"), lines), expect
 
 
-def make(inputs: List[str], out: str, **kw) -> dict:
-    """Run in-process with no pool (fast) unless num_workers is given; returns the manifest."""
-    kw.setdefault("num_workers", 0)
-    return run(CreateConfig(input_path=inputs, output_path=out, **kw), log=lambda m: None).manifest
+def create(inputs: List[str], out: str, log=lambda m: None, **flags) -> RunResult:
+    """One data-tool run in this process, configured as the CLI is (CreateDataArguments, then resolve); no pool
+    (fast) unless num_workers is given."""
+    flags.setdefault("num_workers", 0)
+    return run(resolve(CreateDataArguments(input_path=inputs, output_path=out, **flags)), log=log)
+
+
+def make(inputs: List[str], out: str, **flags) -> dict:
+    """create(), returning the manifest."""
+    return create(inputs, out, **flags).manifest
 
 
 def read_dataset(out: str, name: str = "custom_dataset") -> List[Tuple[str, bytes]]:

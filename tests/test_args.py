@@ -1,4 +1,5 @@
-"""Typed arguments: explicit init choice, clear errors for bad paths and values, device notices, resume rules."""
+"""Typed training arguments and their resolve step: explicit init choice, clear errors for bad paths and values,
+device notices as a new resolved config (the parsed arguments never change), resume rules."""
 import json
 import os
 import shutil
@@ -7,9 +8,12 @@ import pytest
 from paddlenlp.trainer import PdArgumentParser
 
 from helpers import TINY_INIT
-from sd.args import DataArguments, ModelArguments, SDTrainingArguments
-from sd.device import resolve_model_features
+from sd.args import DataArguments, ModelArguments, SDTrainingArguments, resolve_train
+from sd.device import DeviceFacts
 from trainer.entry import resolve_checkpoint
+
+CPU = DeviceFacts(cuda=False, bf16_supported=False)
+OLD_GPU = DeviceFacts(cuda=True, bf16_supported=False)
 
 pytestmark = pytest.mark.unit
 
@@ -17,6 +21,10 @@ pytestmark = pytest.mark.unit
 def parse(*argv):
     parser = PdArgumentParser((ModelArguments, DataArguments, SDTrainingArguments))
     return parser.parse_args_into_dataclasses(args=list(argv))
+
+
+def resolve(*argv, device=CPU):
+    return resolve_train(*parse(*argv), device=device)
 
 
 @pytest.fixture()
@@ -32,10 +40,11 @@ def base(file_list, out, *extra):
 
 
 def test_init_folder_means_unet_from_its_config(tmp_path, file_list):
-    model, data, training = parse(*base(file_list, tmp_path / "o"))
-    assert model.unet_from_config and model.unet_path.endswith("unet_config.json")
-    assert model.vae_path == os.path.join(TINY_INIT, "vae") and model.tokenizer_path.endswith("tokenizer")
-    assert training.ignore_data_skip  # the loader resumes by position, never by re-reading
+    run = resolve(*base(file_list, tmp_path / "o"))
+    parts = run.components
+    assert parts.unet_from_config and parts.unet.endswith("unet_config.json")
+    assert parts.vae == os.path.join(TINY_INIT, "vae") and parts.tokenizer.endswith("tokenizer")
+    assert run.training.ignore_data_skip  # the loader resumes by position, never by re-reading
 
 
 def test_unet_folder_means_pretrained_and_both_is_ambiguous(tmp_path, file_list):
@@ -43,9 +52,11 @@ def test_unet_folder_means_pretrained_and_both_is_ambiguous(tmp_path, file_list)
     shutil.copytree(TINY_INIT, init)
     (init / "unet").mkdir()
     with pytest.raises(ValueError, match="both unet/ and unet_config.json"):
-        parse(*base(file_list, tmp_path / "o")[:-1], str(init))
-    model, _, _ = parse(*base(file_list, tmp_path / "o"), "--unet_name_or_path", str(init / "unet"))
-    assert not model.unet_from_config
+        resolve(*base(file_list, tmp_path / "o")[:-1], str(init))
+    with pytest.raises(FileNotFoundError, match="no such folder"):  # an empty unet/ is no UNet
+        resolve(*base(file_list, tmp_path / "o"), "--unet_name_or_path", str(init / "unet" / "x"))
+    run = resolve(*base(file_list, tmp_path / "o"), "--unet_name_or_path", str(init / "unet"))
+    assert not run.components.unet_from_config
 
 
 @pytest.mark.parametrize("flag,value,match", [
@@ -56,20 +67,28 @@ def test_unet_folder_means_pretrained_and_both_is_ambiguous(tmp_path, file_list)
 ])
 def test_mistyped_paths_are_errors_never_random_init(tmp_path, file_list, flag, value, match):
     with pytest.raises(FileNotFoundError, match=match):
-        parse(*base(file_list, tmp_path / "o"), flag, value)
+        resolve(*base(file_list, tmp_path / "o"), flag, value)
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["--prediction_type", "sample"], "prediction_type"),
     (["--resolution", "100"], "multiple of 8"),
     (["--caption_dropout_prob", "1.5"], "caption_dropout_prob"),
     (["--snr_gamma", "0"], "snr_gamma"),
     (["--image_logging_steps", "7", "--logging_steps", "2"], "multiple of"),
     (["--fp16", "True", "--bf16", "True"], "exclusive"),
+    (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
+    (["--seed", "-5"], "--seed"),
+    (["--max_nonfinite_steps", "0"], "max_nonfinite_steps"),
 ])
 def test_bad_values_name_the_flag(tmp_path, file_list, extra, match):
     with pytest.raises(ValueError, match=match):
         parse(*base(file_list, tmp_path / "o", *extra))
+
+
+def test_a_value_outside_the_choices_is_a_parse_error(tmp_path, file_list, capsys):
+    with pytest.raises(SystemExit):
+        parse(*base(file_list, tmp_path / "o", "--prediction_type", "sample"))
+    assert "--prediction_type: invalid choice: 'sample'" in capsys.readouterr().err
 
 
 def test_missing_file_list_is_an_error(tmp_path):
@@ -78,13 +97,36 @@ def test_missing_file_list_is_an_error(tmp_path):
 
 
 def test_cpu_notices_for_gpu_only_features(tmp_path, file_list):
-    model, _, training = parse(*base(file_list, tmp_path / "o", "--fp16", "True",
-                                     "--enable_xformers_memory_efficient_attention", "True"))
-    assert not training.fp16 and any("fp16 needs a CUDA device" in n for n in training.notices)
-    notices = resolve_model_features(model)
-    assert not model.enable_xformers_memory_efficient_attention and len(notices) == 1
-    _, _, bf16 = parse(*base(file_list, tmp_path / "p", "--bf16", "True", "--fp16_opt_level", "O2"))
-    assert bf16.bf16 and bf16.fp16_opt_level == "O1" and "bf16 O2" in bf16.notices[0]
+    parsed = parse(*base(file_list, tmp_path / "o", "--fp16", "True", "--to_static", "True",
+                         "--enable_xformers_memory_efficient_attention", "True"))
+    run = resolve_train(*parsed, device=CPU)
+    assert not run.training.fp16 and not run.features.memory_efficient_attention
+    assert [n.split(" ")[0] for n in run.notices] == ["fp16", "memory-efficient"]
+    # compiled UNet, never the Trainer's whole-wrapper to_static
+    assert run.features.static_unet and not run.training.to_static
+    model, _, training = parsed  # parse, resolve, never mutate: what the user asked stays as asked
+    assert training.fp16 and training.to_static and model.enable_xformers_memory_efficient_attention
+    bf16 = resolve(*base(file_list, tmp_path / "p", "--bf16", "True", "--fp16_opt_level", "O2"))
+    assert bf16.training.bf16 and bf16.training.fp16_opt_level == "O1" and "bf16 O2" in bf16.notices[0]
+    old = resolve(*base(file_list, tmp_path / "q", "--bf16", "True"), device=OLD_GPU)
+    assert not old.training.bf16 and "compute capability" in old.notices[0]
+
+
+def test_learning_rates_resolve_once(tmp_path, file_list):
+    run = resolve(*base(file_list, tmp_path / "o", "--learning_rate", "1e-4", "--unet_learning_rate", "2e-4"))
+    assert run.training.learning_rate == run.unet_learning_rate == 2e-4  # the scheduler's base is the UNet's
+    assert run.text_encoder_learning_rate == 2e-4
+    te = resolve(*base(file_list, tmp_path / "p", "--text_encoder_learning_rate", "1e-5"))
+    assert te.unet_learning_rate == te.training.learning_rate and te.text_encoder_learning_rate == 1e-5
+
+
+def test_resolved_config_is_saved_as_json(tmp_path, file_list):
+    run = resolve(*base(file_list, tmp_path / "o", "--fp16", "True"))
+    saved = json.loads(open(run.save(str(tmp_path))).read())
+    assert saved["training"]["fp16"] is False and saved["components"]["unet"].endswith("unet_config.json")
+    assert saved["notices"] == list(run.notices) and saved["data"]["file_list"] == file_list
+    with pytest.raises(Exception):  # frozen: a resolved config is never changed after the fact
+        run.unet_learning_rate = 1.0
 
 
 def test_resume_rules(tmp_path, file_list):
@@ -100,4 +142,3 @@ def test_resume_rules(tmp_path, file_list):
     _, _, explicit = parse(*base(file_list, out, "--resume_from_checkpoint", str(out / "nope")))
     with pytest.raises(FileNotFoundError, match="--resume_from_checkpoint"):
         resolve_checkpoint(explicit)
-    json.dumps(training.to_dict())  # arguments stay serialisable for training_args.bin / VisualDL

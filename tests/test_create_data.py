@@ -1,7 +1,9 @@
-"""create_pretraining_data.py: round trip, captions, keys, every reject reason, image root, CLI exit codes.
-Resume, kills and shards: tests/test_create_data_resume.py."""
+"""create_pretraining_data.py: round trip, captions, keys, every reject reason, image root, CLI exit codes, the
+configuration (every flag of before, one error per bad value, the resolved run). Resume, kills and shards:
+tests/test_create_data_resume.py."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -10,13 +12,16 @@ import pytest
 from PIL import Image
 
 from data_tools import image_check as ic
-from data_tools.part_format import read_filelist, read_manifest, sanitize_caption, sha256_file
-from helpers import (cli, filelist_names, good_corpus, image_bytes, make, part_files, read_dataset,
-                                       read_rejects, write_image, write_jsonl)
+from data_tools.create_config import CreateDataArguments, resolve
+from data_tools.create_data import run
+from data_tools.fileio import sha256_file
+from data_tools.part_format import read_filelist, read_manifest, sanitize_caption
+from helpers import (ROOT, cli, filelist_names, good_corpus, image_bytes, make, part_files, read_dataset,
+                     read_rejects, write_image, write_jsonl)
+from sd.config import parse_args, to_jsonable
 
-pytestmark = pytest.mark.unit
 
-
+@pytest.mark.unit
 @pytest.mark.parametrize("gz", [False, True])
 def test_round_trip_and_outputs(tmp_path, gz):
     jsonl, expect = good_corpus(str(tmp_path / "in"), 12)
@@ -46,6 +51,7 @@ def test_round_trip_and_outputs(tmp_path, gz):
     assert not [f for f in os.listdir(os.path.join(out, "laion400m_format_data")) if f.endswith(".tmp")]
 
 
+@pytest.mark.unit
 def test_caption_and_image_keys(tmp_path):
     write_image(str(tmp_path / "a.png"), image_bytes(fmt="PNG"))
     jsonl = write_jsonl(str(tmp_path / "k.jsonl"), [{"text": "custom keys", "path": "a.png"},
@@ -92,6 +98,7 @@ def _bad_corpus(tmp_path):
     return [fa, fb], expected, [("fine", jpg), ("second", png)]
 
 
+@pytest.mark.unit
 def test_every_reject_reason(tmp_path):
     inputs, expected, good = _bad_corpus(tmp_path)
     out = str(tmp_path / "out")
@@ -107,6 +114,7 @@ def test_every_reject_reason(tmp_path):
     assert m["rejects_by_reason"] == {r: sum(1 for e in expected if e[2] == r) for _, _, r in expected}
 
 
+@pytest.mark.unit
 def test_allow_empty_caption(tmp_path):
     write_image(str(tmp_path / "a.jpg"), image_bytes())
     jsonl = write_jsonl(str(tmp_path / "e.jsonl"), [{"caption": " \n ", "image": "a.jpg"}])
@@ -115,6 +123,7 @@ def test_allow_empty_caption(tmp_path):
     assert read_dataset(out) == [("", image_bytes())]
 
 
+@pytest.mark.unit
 def test_paths_outside_root(tmp_path):
     root, data = tmp_path / "root", image_bytes()
     write_image(str(root / "in.jpg"), data)
@@ -131,6 +140,7 @@ def test_paths_outside_root(tmp_path):
     assert read_rejects(out) == [] and read_dataset(out) == [(n, data) for n in names]
 
 
+@pytest.mark.unit
 def test_max_side_downscales_and_keeps_small_images(tmp_path):
     big, small = image_bytes(64, 48, "PNG"), image_bytes(20, 10, "PNG")
     write_image(str(tmp_path / "big.png"), big)
@@ -145,6 +155,7 @@ def test_max_side_downscales_and_keeps_small_images(tmp_path):
     assert got_small == small
 
 
+@pytest.mark.unit
 def test_num_repeat(tmp_path):
     jsonl, expect = good_corpus(str(tmp_path / "in"), 5)
     out = str(tmp_path / "out")
@@ -154,6 +165,7 @@ def test_num_repeat(tmp_path):
         "num_repeat"] == 3
 
 
+@pytest.mark.smoke  # starts pool worker processes
 def test_output_bytes_independent_of_worker_count(tmp_path):
     inputs, _, _ = _bad_corpus(tmp_path)
     jsonl, _ = good_corpus(str(tmp_path / "good"), 30)
@@ -168,6 +180,7 @@ def test_output_bytes_independent_of_worker_count(tmp_path):
     assert results[0] == results[1] == results[2]
 
 
+@pytest.mark.smoke  # starts a subprocess
 def test_cli_reject_ratio_exit_code_then_resume(tmp_path):
     inputs, _, _ = _bad_corpus(tmp_path)
     out = str(tmp_path / "out")
@@ -183,6 +196,7 @@ def test_cli_reject_ratio_exit_code_then_resume(tmp_path):
     assert len(read_dataset(out)) == 2
 
 
+@pytest.mark.smoke  # starts a subprocess
 def test_cli_fatal_errors(tmp_path):
     out = str(tmp_path / "out")
     missing = str(tmp_path / "missing.jsonl")
@@ -203,9 +217,11 @@ def test_cli_fatal_errors(tmp_path):
     assert r.returncode == 1 and "--overwrite" in r.stderr
     r = cli("--input_path", jsonl, "--output_path", out, "--num_workers", "1", "--overwrite")
     assert r.returncode == 0, r.stderr
-    assert cli("--input_path", jsonl, "--output_path", out, "--shard_id", "3", "--num_shards", "2").returncode == 1
+    r = cli("--input_path", jsonl, "--output_path", out, "--shard_id", "3", "--num_shards", "2")
+    assert r.returncode == 2 and r.stderr == "error: --shard_id must be in 0..1, got 3\n"  # a bad argument
 
 
+@pytest.mark.unit
 def test_globs_order_and_gzip_level(tmp_path):
     second, first = (good_corpus(str(tmp_path / d), 3) for d in ("b", "a"))
     sizes = {}
@@ -218,6 +234,7 @@ def test_globs_order_and_gzip_level(tmp_path):
     assert sizes[9] < sizes[0]
 
 
+@pytest.mark.unit
 def test_unreadable_image(tmp_path):
     # Root reads any file whatever its mode, so use a regular file whose read() fails: offset 0 of a process's
     # memory is never mapped (EIO).
@@ -226,3 +243,85 @@ def test_unreadable_image(tmp_path):
     make([jsonl], out, allow_outside_root=True)
     [r] = read_rejects(out)
     assert (r["line"], r["reason"]) == (1, ic.IMAGE_UNREADABLE) and "Input/output error" in r["detail"]
+
+
+# ---- the configuration: one dataclass, the generated command line, the resolved run ----
+
+def _parse(*argv: str) -> CreateDataArguments:
+    (args,) = parse_args([CreateDataArguments], list(argv))
+    return args
+
+
+@pytest.mark.unit
+def test_generated_parser_accepts_every_flag_of_before(tmp_path):
+    with open(os.path.join(ROOT, "tests", "golden", "entry_flags.json")) as f:
+        before = set(json.load(f)["entries"]["create_pretraining_data.py"])
+    valued = {"--input_path": ["a.jsonl", "b/*.jsonl"], "--output_path": [str(tmp_path)], "--output_name": ["n"],
+              "--caption_key": ["text"], "--image_key": ["path"], "--per_part_file_num": ["7"],
+              "--num_repeat": ["2"], "--num_workers": ["3"], "--gzip_level": ["9"], "--image_root": [str(tmp_path)],
+              "--max_image_pixels": ["100"], "--min_image_size": ["4"], "--max_side": ["64"],
+              "--jpeg_quality": ["80"], "--num_shards": ["2"], "--shard_id": ["1"], "--max_reject_ratio": ["0.5"],
+              "--progress_interval": ["9"]}
+    bare = ["--save_gzip_file", "--allow_outside_root", "--allow_empty_caption", "--merge_shards", "--resume"]
+    assert set(valued) | set(bare) | {"--overwrite"} == before
+    args = _parse(*[x for flag, values in valued.items() for x in (flag, *values)], *bare)
+    got = {f"--{k}": v for k, v in dataclasses.asdict(args).items()}
+    assert got["--input_path"] == ["a.jsonl", "b/*.jsonl"] and got["--per_part_file_num"] == 7
+    assert got["--max_reject_ratio"] == 0.5 and got["--image_root"] == str(tmp_path)
+    assert all(got[flag] is True for flag in bare) and got["--overwrite"] is False
+    assert _parse("--output_path", "o", "--input_path", "a", "--overwrite").overwrite is True
+    assert _parse("--output_path", "o", "--input_path", "a", "--save_gzip_file", "False").save_gzip_file is False
+    jsonl = write_jsonl(str(tmp_path / "d.jsonl"), [{"caption": "c", "image": "i.png"}])
+    defaults = _parse("--output_path", "o", "--input_path", jsonl)  # the defaults of before, num_workers aside
+    assert (defaults.per_part_file_num, defaults.num_repeat, defaults.gzip_level, defaults.jpeg_quality,
+            defaults.max_image_pixels, defaults.output_name) == (1000, 1, 6, 95, 89_478_485, "custom_dataset")
+    assert defaults.num_workers is None and resolve(defaults).num_workers == (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize("flags,message", [
+    ([], "--input_path is required (unless --merge_shards)"),
+    (["--input_path", "a", "--output_name", "x/y"], "--output_name must be a plain file name, got 'x/y'"),
+    (["--input_path", "a", "--per_part_file_num", "0"], "--per_part_file_num must be >= 1, got 0"),
+    (["--input_path", "a", "--num_repeat", "0"], "--num_repeat must be >= 1, got 0"),
+    (["--input_path", "a", "--num_workers", "-1"], "--num_workers must be >= 0, got -1"),
+    (["--input_path", "a", "--gzip_level", "10"], "--gzip_level must be in 0..9, got 10"),
+    (["--input_path", "a", "--max_image_pixels", "0"], "--max_image_pixels must be >= 1, got 0"),
+    (["--input_path", "a", "--min_image_size", "-1"], "--min_image_size must be >= 0, got -1"),
+    (["--input_path", "a", "--max_side", "0"], "--max_side must be >= 1, got 0"),
+    (["--input_path", "a", "--jpeg_quality", "101"], "--jpeg_quality must be in 1..100, got 101"),
+    (["--input_path", "a", "--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
+    (["--input_path", "a", "--num_shards", "0"], "--num_shards must be >= 1, got 0"),
+    (["--input_path", "a", "--num_shards", "2", "--shard_id", "2"], "--shard_id must be in 0..1, got 2"),
+    (["--merge_shards"], "--merge_shards needs --num_shards >= 2, got 1"),
+    (["--input_path", "a", "--max_reject_ratio", "1.5"], "--max_reject_ratio must be in 0..1, got 1.5"),
+    (["--input_path", "a", "--image_root", "/no/such/folder"], "--image_root must be a folder, got /no/such/folder"),
+])
+@pytest.mark.unit
+def test_a_bad_value_is_one_error_naming_its_flag(flags, message):
+    with pytest.raises(ValueError) as e:
+        _parse("--output_path", "out", *flags)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+@pytest.mark.unit
+def test_resolved_run_is_frozen_and_is_what_the_manifest_records(tmp_path, monkeypatch):
+    jsonl, _ = good_corpus(str(tmp_path / "in"), 4)
+    monkeypatch.chdir(tmp_path)  # relative flags, as typed on a command line, resolve against the cwd
+    args = _parse("--input_path", "in/*.jsonl", "--output_path", "out", "--image_root", "in", "--num_workers", "0",
+                  "--per_part_file_num", "3")
+    cfg = resolve(args)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.num_workers = 2
+    assert (cfg.input_files, cfg.image_roots) == ((jsonl,), (str(tmp_path / "in"),))
+    assert (cfg.output_path, cfg.image_root, cfg.input_path) == (str(tmp_path / "out"), str(tmp_path / "in"),
+                                                                ["in/*.jsonl"])
+    assert args.output_path == "out" and args.image_root == "in"  # resolving made a new object
+    m = run(cfg, log=lambda msg: None).manifest
+    assert m["arguments"] == json.loads(json.dumps(to_jsonable(cfg)))
+    # The journal's settings: the same keys as before the typed config, with the resolved image root.
+    assert m["settings"] == cfg.part_settings() and m["settings"]["image_root"] == str(tmp_path / "in")
+    assert set(m["settings"]) == {"caption_key", "image_key", "per_part_file_num", "save_gzip_file", "gzip_level",
+                                  "allow_outside_root", "allow_empty_caption", "max_image_pixels", "min_image_size",
+                                  "max_side", "jpeg_quality", "num_shards", "shard_id", "image_root"}
+    with open(os.path.join(cfg.output_path, "custom_dataset.journal.jsonl")) as f:
+        assert json.loads(f.readline())["settings"] == m["settings"]

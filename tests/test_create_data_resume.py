@@ -9,13 +9,11 @@ import time
 
 import pytest
 
-from helpers import (ENTRY, ROOT, cli, filelist_names, good_corpus, image_bytes, make, part_files,
-                                 read_dataset, read_rejects, write_image, write_jsonl)
-from data_tools.create_data import CreateConfig, run
+from helpers import (ENTRY, ROOT, cli, create, filelist_names, good_corpus, image_bytes, make, part_files,
+                     read_dataset, read_rejects, write_image, write_jsonl)
 from data_tools.create_outputs import CreateDataError
 from data_tools.part_format import read_filelist
 
-pytestmark = pytest.mark.unit
 DATA = "laion400m_format_data"
 
 
@@ -33,6 +31,7 @@ def _stat(path: str):
     return st.st_ino, st.st_mtime_ns
 
 
+@pytest.mark.unit
 def test_resume_rewrites_only_what_is_missing(tmp_path):
     jsonl = _corpus_with_rejects(str(tmp_path / "in"), 23)
     clean, out = str(tmp_path / "clean"), str(tmp_path / "out")
@@ -55,7 +54,7 @@ def test_resume_rewrites_only_what_is_missing(tmp_path):
         os.remove(os.path.join(out, f"custom_dataset.{p}"))  # a killed run never reached its end products
     kept = {i: _stat(os.path.join(data, f"part-00000{i}.gz")) for i in (1, 2, 3)}
     logs = []
-    res = run(CreateConfig(input_path=[jsonl], output_path=out, resume=True, **kw), log=logs.append)
+    res = create([jsonl], out, log=logs.append, resume=True, **kw)
     assert res.processed == 5 + 3  # block 4 (5 records) and block 5 (3 records) only
     assert res.manifest["resumed_parts"] == 3
     assert any("torn last line" in m for m in logs)
@@ -65,10 +64,11 @@ def test_resume_rewrites_only_what_is_missing(tmp_path):
     assert filelist_names(out) == filelist_names(clean)
     assert read_rejects(out) == read_rejects(clean)
     # Resuming a finished run decodes nothing and changes nothing.
-    again = run(CreateConfig(input_path=[jsonl], output_path=out, resume=True, **kw), log=logs.append)
+    again = create([jsonl], out, log=logs.append, resume=True, **kw)
     assert again.processed == 0 and part_files(out) == part_files(clean)
 
 
+@pytest.mark.unit
 def test_resume_refuses_other_settings_and_changed_input(tmp_path):
     jsonl = _corpus_with_rejects(str(tmp_path / "in"), 6)
     out = str(tmp_path / "out")
@@ -93,6 +93,7 @@ def _processes_with_env(entry: str) -> list:
     return found
 
 
+@pytest.mark.smoke  # starts a subprocess
 def test_killed_run_lists_no_partial_part_and_resumes(tmp_path):
     # Big enough to still be running when its second part lands (~0.8 s of decoding), small enough to stay quick.
     folder = tmp_path / "in"
@@ -127,6 +128,7 @@ def test_killed_run_lists_no_partial_part_and_resumes(tmp_path):
     assert len(read_dataset(out)) == 400
 
 
+@pytest.mark.smoke  # starts a subprocess
 def test_shards_together_equal_the_unsharded_run(tmp_path):
     jsonl = _corpus_with_rejects(str(tmp_path / "in"), 26)
     single, sharded = str(tmp_path / "single"), str(tmp_path / "sharded")
@@ -147,6 +149,7 @@ def test_shards_together_equal_the_unsharded_run(tmp_path):
     assert read_dataset(sharded) == read_dataset(single)
 
 
+@pytest.mark.smoke  # starts a subprocess
 def test_merge_refuses_unfinished_shards(tmp_path):
     jsonl = _corpus_with_rejects(str(tmp_path / "in"), 8)
     out = str(tmp_path / "out")

@@ -2,7 +2,8 @@
 
 Every job here is a real launch (`python -m paddle.distributed.launch`, or train.sh) of real train.py ranks that
 talk through gloo on 127.0.0.1; "two nodes" are two launchers sharing one --master on loopback. Tiny data, a few
-steps, one thread per process. Whatever a test started is killed at teardown (launchers, ranks, workers).
+steps, one thread per process. Whatever a test started is killed at teardown (launchers, ranks, workers). The
+launch-safety pieces alone (node checks, rank verdicts, die_with_parent) are tests/test_launch_checks.py.
 """
 from __future__ import annotations
 
@@ -10,13 +11,11 @@ import glob
 import json
 import os
 import random
-import runpy
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from types import SimpleNamespace
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -25,7 +24,6 @@ from safetensors.numpy import load_file
 
 from helpers import PY, ROOT, TINY_INIT
 from sd.tiny.make_demo_data import generate_demo_dataset
-from trainer.launch.rank_checks import RankReport, judge_reports
 
 pytestmark = pytest.mark.smoke
 
@@ -242,14 +240,15 @@ PROBE = r'''
 """One rank of a real launch: the (part, line) of every record its logical workers read."""
 import itertools, json, sys
 import paddle.distributed as dist
-from trainer.loader.text_image_dataset import LoaderConfig, TextImageDataset
+from trainer.loader.config import DataArguments
+from trainer.loader.text_image_dataset import TextImageDataset
 
 dist.init_parallel_env()
 rank, world = dist.get_rank(), dist.get_world_size()  # what TrainingArguments.dataset_rank/_world_size return
 result = {}
 for workers, draws in ((1, 80), (3, 40)):  # 2 or 6 global readers for 4 parts: by part, then by line
-    ds = TextImageDataset(LoaderConfig(sys.argv[2], resolution=8, center_crop=True, shuffle_buffer_size=4), None, 1,
-                          rank, world, workers)
+    ds = TextImageDataset(DataArguments(sys.argv[2], resolution=8, center_crop=True, shuffle_buffer_size=4), None, 1,
+                          rank, world, workers, seed=42)
     result[workers] = [[s.ref for s in itertools.islice(ds.iter_samples(w), draws)] for w in range(workers)]
 with open(f"{sys.argv[3]}.{rank}.json", "w") as f:
     json.dump({"rank": rank, "world": world, "refs": result}, f)
@@ -377,26 +376,3 @@ def test_preflight_script_stops_a_bad_launch_before_it_starts(tmp_path, same_ima
     assert "is not in --ips 10.255.0.1,10.255.0.2: paddle would make it node 0 as well" in text
     assert "has 4 parts for 8 global readers (4 ranks x 2 workers): sharding by line" in text
     assert "not launching" in text
-
-
-@pytest.mark.unit
-def test_shm_check_gives_numbers_and_the_fix():
-    pf = SimpleNamespace(**runpy.run_path(os.path.join(ROOT, "scripts", "preflight.py")))  # scripts/: no package
-    needed = pf.shm_bytes_needed(8, 4, 8, 512)  # 8 GPUs x 4 workers, batch 8 at 512 px: (2 x 4 + 1) batches each
-    assert needed == 8 * 9 * 8 * (3 * 512 * 512 * 4 + 77 * 8)
-    small = pf.shm_finding(64 * 2**20, needed, 8, 4)  # docker's default --shm-size
-    assert small.level == "error" and "/dev/shm has 64 MiB free; 8 process(es) x 4 DataLoader workers need" in \
-        small.message and "--shm-size=4g" in small.message and "lower --dataloader_num_workers" in small.message
-    assert [pf.shm_finding(free, needed, 8, 4).level for free in (needed + 1, 3 * needed)] == ["warning", "ok"]
-    assert pf.shm_finding(0, pf.shm_bytes_needed(8, 0, 8, 512), 8, 0).level == "ok"  # no workers: no shm
-
-
-@pytest.mark.unit
-def test_rank_reports_are_judged_alike_on_every_rank():
-    assert judge_reports([RankReport(r, f"n{r}", r, "/out/checkpoint-2", "abc") for r in (0, 1)], "/out") == []
-    bad = [RankReport(0, "node0", 1, "/out/checkpoint-2", "abc"), RankReport(1, "node1", 2, None, "abd"),
-           RankReport(2, "node1", 3, None, "abc", ["no share"]), RankReport(3, "node1", 4, None, "abc", ["no share"])]
-    problems = judge_reports(bad, "/out")
-    assert problems[0] == "no share (rank 2@node1, 3@node1)"  # one line for the ranks of a node
-    assert any("rank 1 on node1 sees other data than rank 0" in p for p in problems)
-    assert sum("output_dir /out is not the same shared folder on every node" in p for p in problems) == 3

@@ -53,10 +53,11 @@ def test_quickstart_trains_a_model_that_follows_color_captions(tmp_path):
     assert {e["guidance"] for e in index} == {1.0, 7.5}
 
     # A smaller version of the README's adherence measurement: color must clear a floor well above chance.
-    from sd.eval.adherence import measure_adherence_from_paths
+    import eval as eval_cli
 
-    result = measure_adherence_from_paths(TINY_INIT, str(out / "unet"), max_combinations=30,
-                                          num_per_combination=2, output_dir=str(tmp_path / "adherence"))
+    result = eval_cli.main(["adherence", "--model_dir", TINY_INIT, "--unet_path", str(out / "unet"),
+                            "--max_combinations", "30", "--num_per_combination", "2", "--seed", "0",
+                            "--output_dir", str(tmp_path / "adherence")])
     acc = {g["guidance"]: g["accuracy"] for g in result["by_guidance"]}
     chance = result["chance"]["color"]
     assert acc[7.5]["color"] >= 3 * chance, (acc, chance)

@@ -1,4 +1,4 @@
-"""eval.py and sd/eval/evaluation.py, sd/eval/adherence.py: real pipelines on sd/tiny_init with a random UNet, 32x32, 2 steps.
+"""eval.py and sd/eval/ (args, evaluation, adherence): real pipelines on sd/tiny_init with a random UNet, 32x32, 2 steps.
 
 A random UNet draws noise, not shapes, so these tests check the machinery (files, seeds, errors, scoring); whether a
 trained model clears a floor above chance is the lead's e2e test (it calls sd.eval.adherence.measure_adherence).
@@ -16,14 +16,15 @@ from PIL import Image
 from ppdiffusers import UNet2DConditionModel
 
 import eval as eval_cli
-from sd.tiny.make_demo_data import COLORS, POSITIONS, SHAPES, render
+from helpers import ROOT, TINY_INIT as INIT
 from sd.eval import sampling
 from sd.eval.adherence import (chance_levels, combination_order, measure_adherence, read_back, score_readings,
-                          select_combinations)
-from sd.eval.evaluation import ModelSource, SamplingConfig, load_pipeline, read_prompts, sample_images
+                               select_combinations)
+from sd.eval.args import (AdherenceArguments, AdherenceSamplingArguments, ModelSourceArguments, PromptArguments,
+                          SamplingArguments)
+from sd.eval.evaluation import load_pipeline, read_prompts, sample_images
+from sd.tiny.make_demo_data import COLORS, POSITIONS, SHAPES, render
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INIT = os.path.join(ROOT, "sd", "tiny_init")
 PROMPTS = ["a red circle at the top left", "a blue square in the center", "a green triangle at the bottom right"]
 FAST = ["--num_inference_steps", "2", "--height", "32", "--width", "32"]
 
@@ -44,7 +45,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(run_dir):
-    return load_pipeline(ModelSource(INIT, unet_path=str(run_dir / "unet")), "ddim")
+    return load_pipeline(ModelSourceArguments(INIT, unet_path=str(run_dir / "unet")).resolve(), "ddim")
 
 
 def _with_scheduler(pipe, name):
@@ -86,6 +87,22 @@ def test_generate_writes_pngs_grids_and_index(run_dir, tmp_path):
     # Guidance changes the images made from the same seeds.
     g1, g75 = (_pixels(tmp_path, [e for e in index if e["guidance"] == g]) for g in (1.0, 7.5))
     assert np.abs(g1 - g75).max() > 10
+    # The resolved config is saved beside the images: the native size filled in, the components resolved.
+    with open(tmp_path / "eval_config.json", encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved["command"] == "generate" and saved["prompts"]["prompt"] == PROMPTS[:2]
+    assert (saved["sampling"]["height"], saved["sampling"]["width"]) == (32, 32)
+    assert saved["components"]["scheduler"] == os.path.join(INIT, "scheduler")
+
+
+@pytest.mark.smoke
+def test_native_size_and_a_json_config(run_dir, tmp_path):
+    """No --height/--width: the model's native size (sample_size x VAE factor); the flags as one .json file."""
+    config = tmp_path / "eval.json"
+    config.write_text(json.dumps({"model_dir": INIT, "unet_path": str(run_dir / "unet"), "prompt": [PROMPTS[0]],
+                                  "num_inference_steps": 2, "output_dir": str(tmp_path / "out")}), encoding="utf-8")
+    entries = eval_cli.main([str(config)])
+    assert (entries[0]["height"], entries[0]["width"]) == (32, 32) and entries[0]["steps"] == 2
 
 
 @pytest.mark.smoke
@@ -106,15 +123,15 @@ def test_images_do_not_depend_on_batch_size(pipe, scheduler):
     p = _with_scheduler(pipe, scheduler)
     out = {}
     for bs in (1, 2, 3):
-        cfg = SamplingConfig(scheduler=scheduler, num_inference_steps=2, batch_size=bs, num_images_per_prompt=2)
-        images = sample_images(p, PROMPTS, [0, 1, 2], cfg, 3.0, 32, 32)
+        cfg = SamplingArguments(scheduler=scheduler, num_inference_steps=2, batch_size=bs)
+        images = sample_images(p, PROMPTS, [0, 1, 2], cfg, 3.0, 32, 32, num_images_per_prompt=2)
         out[bs] = np.stack([np.asarray(im, dtype=np.int16) for per_prompt in images for im in per_prompt])
     # Equal up to float rounding: a matmul over a different batch may round the last bit, i.e. at most 1/255.
     for bs in (2, 3):
         assert np.abs(out[1] - out[bs]).max() <= 1 and np.abs(out[1] - out[bs]).mean() < 0.01
     # The prompt's index (not its batch) sets its seed: the same prompt at another index gives other images.
-    cfg = SamplingConfig(scheduler=scheduler, num_inference_steps=2, num_images_per_prompt=2)
-    moved = sample_images(p, [PROMPTS[0]], [7], cfg, 3.0, 32, 32)[0]
+    cfg = SamplingArguments(scheduler=scheduler, num_inference_steps=2)
+    moved = sample_images(p, [PROMPTS[0]], [7], cfg, 3.0, 32, 32, num_images_per_prompt=2)[0]
     assert np.abs(np.asarray(moved[0], dtype=np.int16) - out[1][0]).mean() > 10
 
 
@@ -164,21 +181,23 @@ def test_bad_height_or_width_is_a_clear_error(run_dir, tmp_path):
 
 @pytest.mark.unit
 def test_missing_unet_and_ema_and_text_encoder_errors(run_dir, tmp_path):
+    """Through eval's flags (every rule of the resolver: tests/test_components.py)."""
     with pytest.raises(FileNotFoundError, match="has no unet/.*--unet_path"):
-        ModelSource(INIT)  # an init folder: never a random UNet
+        ModelSourceArguments(INIT).resolve()  # an init folder: never a random UNet
     ckpt = tmp_path / "checkpoint-5"
     (ckpt / "unet").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"not a UNet folder.*did you mean .*checkpoint-5/unet"):
-        ModelSource(INIT, unet_path=str(ckpt))
+        ModelSourceArguments(INIT, unet_path=str(ckpt)).resolve()
     (ckpt / "unet" / "config.json").write_text("{}", encoding="utf-8")
     with pytest.raises(FileNotFoundError, match="--use_ema: no unet_ema/ next to"):
-        ModelSource(INIT, unet_path=str(ckpt / "unet"), use_ema=True)
+        ModelSourceArguments(INIT, unet_path=str(ckpt / "unet"), use_ema=True).resolve()
     (ckpt / "text_encoder").mkdir()
     with pytest.raises(ValueError, match="trained text_encoder/: pass --text_encoder_path"):
-        ModelSource(INIT, unet_path=str(ckpt / "unet"))
-    src = ModelSource(INIT, unet_path=str(ckpt / "unet"), text_encoder_path=str(ckpt / "text_encoder"))
-    assert src.text_encoder_dir == str(ckpt / "text_encoder")
-    assert ModelSource(INIT, unet_path=str(run_dir / "unet"), use_ema=True).unet_dir == str(run_dir / "unet_ema")
+        ModelSourceArguments(INIT, unet_path=str(ckpt / "unet")).resolve()
+    src = ModelSourceArguments(INIT, unet_path=str(ckpt / "unet"), text_encoder_path=str(ckpt / "text_encoder"))
+    assert src.resolve().text_encoder == str(ckpt / "text_encoder")
+    ema = ModelSourceArguments(INIT, unet_path=str(run_dir / "unet"), use_ema=True).resolve()
+    assert ema.unet == str(run_dir / "unet_ema")
 
 
 @pytest.mark.smoke
@@ -190,12 +209,44 @@ def test_use_ema_samples_the_ema_weights(run_dir, tmp_path):
 
 
 @pytest.mark.unit
-def test_sampling_config_checks():
-    for kwargs, msg in (({"scheduler": "ddpm"}, "--scheduler"), ({"guidance_scales": [0.5]}, "not >= 1"),
-                        ({"guidance_scales": [3.0, 3.0]}, "duplicates"), ({"batch_size": 0}, "--batch_size"),
-                        ({"seed": -1}, "--seed"), ({"guidance_scales": []}, "at least one")):
-        with pytest.raises(ValueError, match=msg):
-            SamplingConfig(**kwargs)
+@pytest.mark.parametrize("cls,kwargs,msg", [
+    (SamplingArguments, {"scheduler": "ddpm"}, "--scheduler"),
+    (SamplingArguments, {"guidance_scales": [0.5]}, "not >= 1"),
+    (SamplingArguments, {"guidance_scales": [3.0, 3.0]}, "duplicates"),
+    (SamplingArguments, {"batch_size": 0}, "--batch_size"),
+    (SamplingArguments, {"num_inference_steps": 0}, "--num_inference_steps"),
+    (SamplingArguments, {"seed": -1}, "--seed"),
+    (SamplingArguments, {"guidance_scales": []}, "at least one"),
+    (SamplingArguments, {"height": 0}, "--height must be positive"),
+    (AdherenceSamplingArguments, {"width": -8}, "--width must be positive"),
+    (PromptArguments, {}, "exactly one"),
+    (PromptArguments, {"prompt": ["a", " "]}, "--prompt #2 is empty"),
+    (PromptArguments, {"prompt": ["a"], "prompt_column": "caption_en"}, "--prompt_column goes with"),
+    (PromptArguments, {"prompt": ["a"], "num_images_per_prompt": 0}, "--num_images_per_prompt"),
+    (AdherenceArguments, {"num_per_combination": 0}, "--num_per_combination"),
+    (AdherenceArguments, {"max_combinations": 0}, r"--max_combinations must be in \[1, 90\]"),
+    (AdherenceArguments, {"max_combinations": 91}, "--max_combinations"),
+])
+def test_arguments_check_their_values(cls, kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        cls(**kwargs)
+
+
+@pytest.mark.unit
+def test_command_lines_and_adherence_defaults():
+    """Both commands keep every flag (repeatable --prompt, bare --use_ema) and their own defaults."""
+    command, (model, s, p) = eval_cli.parse(["--model_dir", "m", "--prompt", "a", "--prompt", "b", "c",
+                                             "--use_ema", "--guidance_scales", "1", "3"])
+    assert command == "generate" and model == ModelSourceArguments("m", use_ema=True)
+    assert p.prompt == ["a", "b", "c"] and s.guidance_scales == [1.0, 3.0]
+    assert (s.num_inference_steps, s.height, s.batch_size, s.output_dir) == (50, None, 8, "outputs/eval")
+    command, (model, s, a) = eval_cli.parse(["adherence", "--model_dir", "m", "--use_ema", "False", "--seed", "0"])
+    assert command == "adherence" and not model.use_ema and a == AdherenceArguments()
+    assert s == AdherenceSamplingArguments(seed=0) and isinstance(s, SamplingArguments)
+    assert (s.num_inference_steps, s.guidance_scales, s.height, s.width, s.batch_size, s.output_dir) == (
+        20, [1.0, 7.5], 32, 32, 32, "outputs/adherence")
+    with pytest.raises(ValueError, match="not used.*--num_per_combination"):  # adherence's own flags
+        eval_cli.parse(["--model_dir", "m", "--prompt", "a", "--num_per_combination", "2"])
 
 
 @pytest.mark.smoke
@@ -203,7 +254,7 @@ def test_sampling_config_checks():
 def test_each_scheduler_runs_two_steps(pipe, scheduler):
     p = _with_scheduler(pipe, scheduler)
     assert type(p.scheduler) is sampling.SCHEDULERS[scheduler][0]
-    cfg = SamplingConfig(scheduler=scheduler, num_inference_steps=2)
+    cfg = SamplingArguments(scheduler=scheduler, num_inference_steps=2)
     image = np.asarray(sample_images(p, [PROMPTS[0]], [0], cfg, 7.5, 32, 32)[0][0], dtype=np.float32)
     assert image.shape == (32, 32, 3) and image.std() > 1.0  # NaN latents decode to one flat color
 
@@ -215,8 +266,7 @@ def test_combination_order_is_balanced():
     assert len({c for c, _, _ in order[:6]}) == 6 and len({s for _, s, _ in order[:3]}) == 3
     assert len({p for _, _, p in order[:5]}) == 5
     assert select_combinations(10) == order[:10] == combination_order()[:10]
-    with pytest.raises(ValueError, match="--max_combinations"):
-        select_combinations(0)
+    assert select_combinations(None) == order
 
 
 @pytest.mark.unit
@@ -254,18 +304,22 @@ def test_adherence_mode_writes_json_and_table(run_dir, tmp_path):
         assert all(0.0 <= v <= 1.0 for v in row["accuracy"].values())
     assert len(result["records"]) == 12 and result["settings"]["height"] == 32
     assert (out / "adherence_g1.png").is_file() and (out / "adherence_g7.5.png").is_file()
+    with open(out / "eval_config.json", encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved["command"] == "adherence" and saved["adherence"] == {"num_per_combination": 2, "max_combinations": 3}
+    assert saved["components"]["unet"] == str(run_dir / "unet") and saved["sampling"]["num_inference_steps"] == 2
 
 
 @pytest.mark.smoke
 def test_measure_adherence_api_matches_its_records(pipe):
-    result = measure_adherence(pipe, guidance_scales=[2.0], num_per_combination=1, max_combinations=2,
-                               num_inference_steps=2)
+    sampling_args = AdherenceSamplingArguments(guidance_scales=[2.0], num_inference_steps=2, output_dir=None)
+    result = measure_adherence(pipe, sampling_args, AdherenceArguments(num_per_combination=1, max_combinations=2))
     rows = result["records"]
     hits = sum(r["read"]["color"] == r["target"]["color"] for r in rows)
-    assert result["by_guidance"][0]["accuracy"]["color"] == hits / len(rows)
-    assert result["settings"]["scheduler"] == "ddim"
-    with pytest.raises(ValueError, match="--num_per_combination"):
-        measure_adherence(pipe, num_per_combination=0)
+    assert result["by_guidance"][0]["accuracy"]["color"] == hits / len(rows) and len(rows) == 2
+    assert result["settings"]["scheduler"] == "ddim" and result["settings"]["height"] == 32
+    with pytest.raises(ValueError, match="samples with ddim but --scheduler is pndm"):
+        measure_adherence(pipe, AdherenceSamplingArguments(scheduler="pndm", output_dir=None), AdherenceArguments())
 
 
 @pytest.mark.smoke

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from data_tools.part_format import RecordError, encode_record
-from helpers import aes_line, image_bytes, write_filelist_list, write_source
-from trainer.loader.text_image_dataset import LoaderConfig, TextImageDataset
-from trainer.loader.transforms import ImageTransform
+from helpers import aes_line, image_bytes, image_transform, write_filelist_list, write_source
+from trainer.loader.config import DataArguments
+from trainer.loader.text_image_dataset import TextImageDataset
 
 CHINESE = "一只猫坐在窗台上"
 
@@ -35,8 +35,8 @@ def test_reads_laion400m_and_laion_aes_plain_and_gzip(tmp_path):
     entries = [(write_source(str(tmp_path), "c400m", [plain_400m]), 1.0),
                (write_source(str(tmp_path), "aes", [aes[:2], aes[2:]], gzipped=True, data_format="laion_aes"), 1.0)]
     fl = write_filelist_list(os.path.join(tmp_path, "mix.filelist.list"), entries)
-    ds = TextImageDataset(LoaderConfig(fl, resolution=16, shuffle_buffer_size=1, caption_dropout_prob=0.0),
-                          None, 1)
+    ds = TextImageDataset(DataArguments(fl, resolution=16, shuffle_buffer_size=1, caption_dropout_prob=0.0),
+                          None, 1, seed=42)
     assert [s.data_format for s in ds.sources] == ["laion400m", "laion_aes"]  # aes from its manifest
     samples = _captions(ds, 60)
     got = {s.caption for s in samples}
@@ -49,8 +49,8 @@ def test_reads_laion400m_and_laion_aes_plain_and_gzip(tmp_path):
     # Without a manifest the explicit flag decides; it also overrides a manifest.
     aes_only = write_source(str(tmp_path), "aes2", [aes], data_format=None)
     fl2 = write_filelist_list(os.path.join(tmp_path, "aes2.filelist.list"), [(aes_only, None)])
-    ds2 = TextImageDataset(LoaderConfig(fl2, resolution=16, data_format="laion_aes", caption_dropout_prob=0.0),
-                           None, 1)
+    ds2 = TextImageDataset(DataArguments(fl2, resolution=16, data_format="laion_aes", caption_dropout_prob=0.0),
+                           None, 1, seed=42)
     assert ds2.sources[0].data_format == "laion_aes" and _captions(ds2, 1)[0].caption
 
 
@@ -58,7 +58,7 @@ def test_reads_laion400m_and_laion_aes_plain_and_gzip(tmp_path):
 def test_caption_dropout_rate(tmp_path):
     fl = write_filelist_list(os.path.join(tmp_path, "x.filelist.list"), [(write_source(
         str(tmp_path), "x", [[encode_record(f"c{i}", image_bytes(8, 8, seed=i)) for i in range(50)]]), None)])
-    ds = TextImageDataset(LoaderConfig(fl, resolution=8, caption_dropout_prob=0.3), None, 1)
+    ds = TextImageDataset(DataArguments(fl, resolution=8, caption_dropout_prob=0.3), None, 1, seed=42)
     samples = _captions(ds, 400)
     dropped = sum(s.caption == "" for s in samples)
     assert abs(dropped - 120) < 4 * (400 * 0.3 * 0.7) ** 0.5
@@ -89,9 +89,9 @@ def _reference_center(img_bytes: bytes, r: int) -> np.ndarray:
 
 
 @pytest.mark.unit
-def test_draft_and_crop_only_resize_match_full_decode():
+def test_draft_and_crop_only_resize_match_full_decode(tmp_path):
     big = _smooth_jpeg(900, 640)
-    t = ImageTransform(128, center_crop=True)
+    t = image_transform(str(tmp_path), 128, center_crop=True)
     img = Image.open(io.BytesIO(big))
     img.draft("RGB", t.resized_size(900, 640))
     assert img.size == (225, 160)  # decoded at 1/4 scale: the shorter side 160 stays >= 128
@@ -99,17 +99,18 @@ def test_draft_and_crop_only_resize_match_full_decode():
     ours = t(big, np.random.default_rng(0))
     assert ours.shape == ref.shape == (3, 128, 128)
     assert np.abs(ours - ref).mean() < 0.01, np.abs(ours - ref).mean()  # < 1.3 grey levels: DCT-scaled decode
-    for w, h in ((109, 159), (218, 268), (159, 109)):  # odd sizes; (100 * (w / 100)) is w + 1 ulp here
-        crop = ImageTransform(100)(_smooth_jpeg(w, h), np.random.default_rng(3))
-        assert crop.shape == (3, 100, 100)
+    odd = image_transform(str(tmp_path), 104)
+    for w, h in ((108, 159), (215, 268), (159, 108)):  # odd sizes; (104 * (w / 104)) is w + 1 ulp here
+        crop = odd(_smooth_jpeg(w, h), np.random.default_rng(3))
+        assert crop.shape == (3, 104, 104)
     small = _smooth_jpeg(100, 80)  # too small for draft: only the crop-only resize differs from reference
-    assert np.abs(ImageTransform(64, center_crop=True)(small, np.random.default_rng(0))
+    assert np.abs(image_transform(str(tmp_path), 64, center_crop=True)(small, np.random.default_rng(0))
                   - _reference_center(small, 64)).max() < 0.05
 
 
 @pytest.mark.unit
-def test_modes_are_converted_transparency_on_white():
-    t = ImageTransform(8, center_crop=True)
+def test_modes_are_converted_transparency_on_white(tmp_path):
+    t = image_transform(str(tmp_path), 8, center_crop=True)
     rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))  # fully transparent black
     for mode, fmt in (("RGBA", "PNG"), ("LA", "PNG"), ("P", "PNG")):
         buf = io.BytesIO()
@@ -125,10 +126,10 @@ def test_modes_are_converted_transparency_on_white():
 
 
 @pytest.mark.unit
-def test_random_crop_flip_and_min_size():
+def test_random_crop_flip_and_min_size(tmp_path):
     data = image_bytes(40, 20, seed=5, fmt="PNG")
-    plain = ImageTransform(16)
-    flip = ImageTransform(16, random_flip=True)
+    plain = image_transform(str(tmp_path), 16)
+    flip = image_transform(str(tmp_path), 16, random_flip=True)
     lefts = {plain.plan(40, 20, np.random.default_rng(k)).left for k in range(40)}
     assert len(lefts) > 5 and min(lefts) >= 0 and max(lefts) <= 32 - 16  # 40x20 -> 32x16
     flipped = [k for k in range(20) if flip.plan(40, 20, np.random.default_rng(k)).flip]
@@ -138,9 +139,10 @@ def test_random_crop_flip_and_min_size():
     assert np.array_equal(a[:, :, ::-1], b)  # same crop, mirrored
     assert np.array_equal(plain(data, np.random.default_rng(k)), a)  # deterministic for the same rng
     with pytest.raises(RecordError) as e:
-        ImageTransform(16, min_image_size=25).open_checked(data)
+        image_transform(str(tmp_path), 16, min_image_size=25).open_checked(data)
     assert e.value.reason == "too_small"
     for interp in ("bicubic", "bilinear", "nearest"):
-        assert ImageTransform(16, interp)(data, np.random.default_rng(0)).shape == (3, 16, 16)
+        assert image_transform(str(tmp_path), 16, interpolation=interp)(data, np.random.default_rng(0)).shape == (
+            3, 16, 16)
     with pytest.raises(ValueError, match="interpolation"):
-        ImageTransform(16, "area")
+        image_transform(str(tmp_path), 16, interpolation="area")

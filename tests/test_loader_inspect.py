@@ -1,4 +1,5 @@
-"""data_tools/inspect_data.py: grid.png + samples.jsonl through the training dataset class."""
+"""data_tools/inspect_data.py: grid.png + samples.jsonl + inspect_config.json through the training dataset class,
+and its command line generated from training's DataArguments plus its own InspectArguments."""
 from __future__ import annotations
 
 import io
@@ -13,10 +14,9 @@ from PIL import Image
 
 from data_tools import inspect_data
 from data_tools.part_format import encode_record
-from helpers import image_bytes, write_filelist_list, write_source
-from helpers import tiny_clip_tokenizer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, image_bytes, tiny_clip_tokenizer, write_filelist_list, write_source
+from sd.config import parse_args
+from trainer.loader.config import DataArguments
 
 
 def _data(root: str) -> str:
@@ -56,16 +56,57 @@ def test_inspect_writes_grid_and_samples_with_tokens(tmp_path, capsys):
     os.makedirs(tok_dir)
     tiny_clip_tokenizer(str(tok_dir))  # writes vocab.json + merges.txt, loadable with from_pretrained
     out = str(tmp_path / "inspect")
-    rc = inspect_data.main(["--file_list", fl, "--resolution", "12", "--num_samples", "7", "--output_dir", out,
+    rc = inspect_data.main(["--file_list", fl, "--resolution", "16", "--num_samples", "7", "--output_dir", out,
                             "--min_image_size", "8", "--caption_dropout_prob", "0.5", "--seed", "3",
                             "--tokenizer", str(tok_dir), "--model_max_length", "10"])
     assert rc == 0
-    rows = _check_outputs(out, 7, 12)
+    rows = _check_outputs(out, 7, 16)
     assert any(r["caption_dropped"] for r in rows) and any(not r["caption_dropped"] for r in rows)
     assert all(len(r["input_ids"]) == 10 for r in rows)
     printed = capsys.readouterr().out
     skips = json.loads(printed.split("skipped records: ")[1].splitlines()[0])
     assert skips["bad_fields"] >= 1 and skips["too_small"] >= 1
+    with open(os.path.join(out, "inspect_config.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved["data"]["resolution"] == 16 and saved["data"]["caption_dropout_prob"] == 0.5
+    assert saved["inspect"]["seed"] == 3 and saved["inspect"]["model_max_length"] == 10
+    assert saved["file_list"] == os.path.abspath(fl) and saved["tokenizer"] == os.path.abspath(tok_dir)
+
+
+@pytest.mark.unit
+def test_parser_accepts_every_flag_it_accepted_before(tmp_path):
+    """Every flag of tests/golden/entry_flags.json for inspect, bare booleans included, parsed into the
+    dataclasses; unset flags take training's defaults."""
+    with open(os.path.join(ROOT, "tests", "golden", "entry_flags.json"), encoding="utf-8") as f:
+        golden = json.load(f)["entries"]["data_tools/inspect_data.py"]
+    fl = _data(str(tmp_path / "data"))
+    os.makedirs(tmp_path / "tok")
+    argv = ["--file_list", fl, "--output_dir", str(tmp_path / "o"), "--center_crop", "--random_flip",
+            "--caption_dropout_prob", "0.2", "--data_format", "laion_aes", "--interpolation", "bicubic",
+            "--min_image_size", "4", "--model_max_length", "12", "--num_samples", "3", "--resolution", "256",
+            "--seed", "7", "--shuffle_buffer_size", "8", "--tokenizer", str(tmp_path / "tok")]
+    assert sorted(a for a in argv if a.startswith("--")) == sorted(golden)
+    data, inspect = parse_args((DataArguments, inspect_data.InspectArguments), argv)
+    assert data == DataArguments(fl, resolution=256, data_format="laion_aes", interpolation="bicubic",
+                                 center_crop=True, random_flip=True, min_image_size=4, caption_dropout_prob=0.2,
+                                 shuffle_buffer_size=8)
+    assert inspect == inspect_data.InspectArguments(str(tmp_path / "o"), num_samples=3, seed=7,
+                                                    tokenizer=str(tmp_path / "tok"), model_max_length=12)
+    data, inspect = parse_args((DataArguments, inspect_data.InspectArguments),
+                               ["--file_list", fl, "--output_dir", "o", "--center_crop", "False"])
+    assert data == DataArguments(fl) and data.resolution == 512 and not data.center_crop
+    assert inspect.num_samples == 16 and inspect.seed == 42 and inspect.tokenizer is None
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("flag,value,error", [("--num_samples", "0", ValueError), ("--seed", "-1", ValueError),
+                                              ("--model_max_length", "1", ValueError),
+                                              ("--tokenizer", "no/such/folder", FileNotFoundError)])
+def test_bad_inspect_values_are_one_clear_error(tmp_path, flag, value, error):
+    fl = _data(str(tmp_path / "data"))
+    with pytest.raises(error, match=f"{flag}.*{value}"):
+        inspect_data.main(["--file_list", fl, "--output_dir", str(tmp_path / "o"), flag, value])
+    assert not os.path.exists(tmp_path / "o")
 
 
 @pytest.mark.smoke

@@ -15,7 +15,8 @@ import pytest
 from data_tools.part_format import encode_record
 from helpers import open_loader, records, tiny_clip_tokenizer, write_filelist_list, write_source
 from trainer.loader.loader_state import LoaderStateTracker
-from trainer.loader.text_image_dataset import LoaderConfig, TextImageDataset, load_json
+from trainer.loader.config import DataArguments
+from trainer.loader.text_image_dataset import TextImageDataset, load_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,8 +31,8 @@ def _dataset(root: str) -> str:
     return write_filelist_list(os.path.join(root, "train.filelist.list"), [(a, 0.6), (b, 0.4)])
 
 
-def _cfg(fl: str, **kw) -> LoaderConfig:
-    return LoaderConfig(fl, resolution=8, shuffle_buffer_size=5, random_flip=True, **kw)
+def _cfg(fl: str, **kw) -> DataArguments:
+    return DataArguments(fl, resolution=8, shuffle_buffer_size=5, random_flip=True, **kw)
 
 
 def _digest(batch: dict) -> str:
@@ -42,8 +43,9 @@ def _digest(batch: dict) -> str:
 
 
 def _run(fl: str, n: int, workers: int, state: Optional[dict] = None, tokenizer=None, rank: int = 0,
-         world: int = 1, **kw) -> Tuple[List[str], LoaderStateTracker]:
-    ds = TextImageDataset(_cfg(fl, **kw), tokenizer, 3, rank=rank, world_size=world, num_workers=workers)
+         world: int = 1, seed: int = 42, **kw) -> Tuple[List[str], LoaderStateTracker]:
+    ds = TextImageDataset(_cfg(fl, **kw), tokenizer, 3, rank=rank, world_size=world, num_workers=workers,
+                          seed=seed, model_max_length=77)
     if state is not None:
         ds.load_state_dict(state)
     tracker = LoaderStateTracker(ds)
@@ -115,17 +117,17 @@ def test_bad_states_are_rejected_clearly(tmp_path):
     fl = _dataset(str(tmp_path))
     _, tracker = _run(fl, 2, 0)
     state = tracker.state_dict()
-    ds = TextImageDataset(_cfg(fl), None, 3)
+    ds = TextImageDataset(_cfg(fl), None, 3, seed=42)
     with pytest.raises(ValueError, match="format"):
         ds.load_state_dict({"format": "something else"})
     with pytest.raises(ValueError, match="another file list"):
         ds.load_state_dict({**state, "sources": state["sources"][:1]})
     with pytest.raises(ValueError, match="rank 1"):
         ds.load_state_dict({**state, "rank": 1})
-    other = TextImageDataset(_cfg(fl), None, 3)
+    other = TextImageDataset(_cfg(fl), None, 3, seed=42)
     batches = other.__iter__()
     first = next(batches)
-    fresh = LoaderStateTracker(TextImageDataset(_cfg(fl), None, 3, num_workers=2))
+    fresh = LoaderStateTracker(TextImageDataset(_cfg(fl), None, 3, num_workers=2, seed=42))
     fresh.consume(dict(first))  # logical worker 0: fine
     with pytest.raises(RuntimeError, match="round-robin"):
         fresh.consume(dict(first))  # logical worker 0 again where 1 was due
@@ -134,8 +136,8 @@ def test_bad_states_are_rejected_clearly(tmp_path):
 
 
 def _check_tokenized(tokenizer, fl: str, length: int) -> None:
-    ds = TextImageDataset(_cfg(fl, model_max_length=length, caption_dropout_prob=0.5), tokenizer, 4,
-                          num_workers=2)
+    ds = TextImageDataset(_cfg(fl, caption_dropout_prob=0.5), tokenizer, 4, num_workers=2, seed=42,
+                          model_max_length=length)
     with open_loader(ds) as batches:
         batch = next(batches)
     ids = batch["input_ids"]

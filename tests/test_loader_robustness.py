@@ -11,15 +11,16 @@ import pytest
 from data_tools.part_format import encode_record
 from helpers import aes_line, image_bytes, open_loader, records, write_filelist_list, write_source
 from trainer.loader.loader_state import LoaderStateTracker
-from trainer.loader.sample_stream import SkipCounter, SourceCursor, fresh_cursor_state
-from trainer.loader.text_image_dataset import LoaderConfig, TextImageDataset
+from trainer.loader.config import DataArguments
+from trainer.loader.sample_stream import MAX_CONSECUTIVE_FAILURES, SkipCounter, SourceCursor, fresh_cursor_state
+from trainer.loader.text_image_dataset import TextImageDataset
 
 
-def _read_epoch0(ds: TextImageDataset, source: int) -> tuple:
+def _read_epoch0(ds: TextImageDataset, source: int, max_fails: int = MAX_CONSECUTIVE_FAILURES) -> tuple:
     """(captions read in epoch 0, skip counts) of one source, for the only worker."""
     skips = SkipCounter("test")
-    cur = SourceCursor(source, ds.sources[source], ds.layout, 0, ds.config.seed, ds.transform, skips,
-                       ds.config.max_consecutive_failures, fresh_cursor_state())
+    cur = SourceCursor(source, ds.sources[source], ds.layout, 0, ds.seed, ds.transform, skips, max_fails,
+                       fresh_cursor_state())
     got = []
     while True:
         rec = cur.next_record()
@@ -52,7 +53,7 @@ def _bad_dataset(root: str) -> str:
 @pytest.mark.unit
 def test_bad_records_are_skipped_and_counted_by_reason(tmp_path):
     fl = _bad_dataset(str(tmp_path))
-    ds = TextImageDataset(LoaderConfig(fl, resolution=8, min_image_size=8), None, 1)
+    ds = TextImageDataset(DataArguments(fl, resolution=8, min_image_size=8), None, 1, seed=42)
     got, counts = _read_epoch0(ds, 0)
     assert got == ["good-0", "good-1"]
     assert counts == {"bad_fields": 1, "bad_base64": 1, "bad_image": 1, "too_small": 1, "bad_encoding": 1}
@@ -63,11 +64,11 @@ def test_bad_records_are_skipped_and_counted_by_reason(tmp_path):
     assert counts == {"truncated_part": 1}
 
 
-@pytest.mark.unit
+@pytest.mark.smoke
 def test_counters_travel_through_dataloader_workers(tmp_path):
     fl = _bad_dataset(str(tmp_path))
-    ds = TextImageDataset(LoaderConfig(fl, resolution=8, min_image_size=8, shuffle_buffer_size=4), None, 4,
-                          num_workers=2)
+    ds = TextImageDataset(DataArguments(fl, resolution=8, min_image_size=8, shuffle_buffer_size=4), None, 4,
+                          num_workers=2, seed=42)
     tracker = LoaderStateTracker(ds)
     with open_loader(ds) as batches:
         for i, batch in enumerate(batches):
@@ -87,7 +88,8 @@ def test_undecodable_pixels_skipped_at_emission(tmp_path):
     cut = image_bytes(64, 64, seed=4)[:400]  # header intact: passes the probe, fails to decode
     fl = write_filelist_list(os.path.join(tmp_path, "x.filelist.list"), [(write_source(
         str(tmp_path), "x", [[encode_record("ok", good), encode_record("cut", cut)]]), None)])
-    stream = TextImageDataset(LoaderConfig(fl, resolution=8, caption_dropout_prob=0.0), None, 1).open_stream(0)
+    stream = TextImageDataset(DataArguments(fl, resolution=8, caption_dropout_prob=0.0), None, 1,
+                              seed=42).open_stream(0)
     assert {stream.next_sample().caption for _ in range(10)} == {"ok"}
     assert stream.skips.counts.get("bad_image", 0) >= 1
 
@@ -97,18 +99,17 @@ def test_consecutive_failures_end_the_part_with_a_warning(tmp_path, caplog):
     bad = [b"garbage line\n"] * 30
     fl = write_filelist_list(os.path.join(tmp_path, "x.filelist.list"), [(write_source(
         str(tmp_path), "x", [bad + records("after", 3, (12, 12))]), None)])
-    ds = TextImageDataset(LoaderConfig(fl, resolution=8, max_consecutive_failures=5), None, 1)
+    ds = TextImageDataset(DataArguments(fl, resolution=8), None, 1, seed=42)
     with caplog.at_level(logging.WARNING, logger="trainer.loader"):
         # Every epoch gives up after 5 bad lines, so the source never yields: an error naming it, no hang.
         with pytest.raises(RuntimeError, match=r"x\.filelist: no usable record"):
-            _read_epoch0(ds, 0)
+            _read_epoch0(ds, 0, max_fails=5)
     part = ds.sources[0].parts[0]
     assert any(part in r.getMessage() and "giving up on this part" in r.getMessage() for r in caplog.records)
     # Rate-limited: 5 bad-record lines + the abandonment per epoch, 20 epochs, far fewer warnings than skips.
     assert len(caplog.records) < 60
 
-    ds = TextImageDataset(LoaderConfig(fl, resolution=8, max_consecutive_failures=50), None, 1)
-    got, counts = _read_epoch0(ds, 0)
+    got, counts = _read_epoch0(ds, 0)  # the loader's own limit, 50
     # 30 bad lines in epoch 0, and 30 more before the first good line of epoch 1 ends the helper's read.
     assert got == ["after-0", "after-1", "after-2"] and counts == {"bad_fields": 60}
 
@@ -117,20 +118,24 @@ def test_consecutive_failures_end_the_part_with_a_warning(tmp_path, caplog):
 def test_missing_files_and_bad_config_are_clear_errors(tmp_path):
     fl = write_filelist_list(os.path.join(tmp_path, "ok.filelist.list"),
                              [(write_source(str(tmp_path), "x", [records("x", 2)]), None)])
-    cfg = LoaderConfig(fl, resolution=8)
+    cfg = DataArguments(fl, resolution=8)
     with pytest.raises(FileNotFoundError, match="nope.filelist.list"):
-        TextImageDataset(LoaderConfig(str(tmp_path / "nope.filelist.list")), None, 1)
+        TextImageDataset(DataArguments(str(tmp_path / "nope.filelist.list")), None, 1, seed=42)
     missing_fl = write_filelist_list(os.path.join(tmp_path, "m.filelist.list"), [("gone.filelist", None)])
     with pytest.raises(FileNotFoundError, match="gone.filelist"):
-        TextImageDataset(LoaderConfig(missing_fl), None, 1)
-    part = TextImageDataset(cfg, None, 1).sources[0].parts[0]
+        TextImageDataset(DataArguments(missing_fl), None, 1, seed=42)
+    part = TextImageDataset(cfg, None, 1, seed=42).sources[0].parts[0]
     os.remove(part)
     with pytest.raises(FileNotFoundError, match="part-000000"):
-        TextImageDataset(cfg, None, 1)
+        TextImageDataset(cfg, None, 1, seed=42)
     for field, value in (("resolution", 0), ("interpolation", "area"), ("caption_dropout_prob", 1.5),
-                         ("shuffle_buffer_size", 0), ("max_consecutive_failures", 0), ("min_image_size", -1),
-                         ("data_format", "webdataset"), ("seed", -1)):
+                         ("shuffle_buffer_size", 0), ("min_image_size", -1), ("data_format", "webdataset")):
         with pytest.raises(ValueError, match=field):
-            LoaderConfig(fl, **{field: value})
+            DataArguments(fl, **{field: value})
+    # The seed and the tokenizer's length belong to the training and model arguments: passed, and checked, here.
+    with pytest.raises(ValueError, match="seed"):
+        TextImageDataset(cfg, None, 1, seed=-1)
+    with pytest.raises(ValueError, match="model_max_length"):
+        TextImageDataset(cfg, object(), 1, seed=42, model_max_length=None)
     with pytest.raises(ValueError, match="batch_size"):
-        TextImageDataset(cfg, None, 0)
+        TextImageDataset(cfg, None, 0, seed=42)

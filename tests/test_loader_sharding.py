@@ -12,7 +12,8 @@ from helpers import open_loader, simple_dataset
 from trainer.loader.sample_stream import SkipCounter, SourceCursor, fresh_cursor_state
 from trainer.loader.sharding import (BY_LINE, BY_PART, WorkerLayout, assignment_table, choose_source,
                               epoch_part_order, sharding_mode, worker_parts)
-from trainer.loader.text_image_dataset import LoaderConfig, TextImageDataset
+from trainer.loader.config import DataArguments
+from trainer.loader.text_image_dataset import TextImageDataset
 
 
 @pytest.mark.unit
@@ -75,7 +76,7 @@ def _epoch0_refs(ds: TextImageDataset, logical: int) -> list:
     """Every record one global worker reads in epoch 0, through the real part-reading cursors."""
     out = []
     for i, spec in enumerate(ds.sources):
-        cur = SourceCursor(i, spec, ds.layout, ds.layout.global_id(logical), ds.config.seed, ds.transform,
+        cur = SourceCursor(i, spec, ds.layout, ds.layout.global_id(logical), ds.seed, ds.transform,
                            SkipCounter("test"), 50, fresh_cursor_state())
         while True:
             rec = cur.next_record()
@@ -100,7 +101,7 @@ def test_real_parts_cover_each_record_once_per_epoch(tmp_path, n_parts, world, w
     seen = collections.Counter()
     for rank in range(world):
         for logical in range(max(1, workers)):
-            ds = TextImageDataset(LoaderConfig(fl, resolution=8), None, 1, rank, world, workers)
+            ds = TextImageDataset(DataArguments(fl, resolution=8), None, 1, rank, world, workers, seed=42)
             for caption, (s, _, part_idx, _) in _epoch0_refs(ds, logical):
                 seen[(caption, part_idx if s == 1 else 0)] += 1
     expected = {(f"s/p{p}-{i}", 0) for p in range(n_parts) for i in range(7)}
@@ -112,15 +113,15 @@ def test_real_parts_cover_each_record_once_per_epoch(tmp_path, n_parts, world, w
 @pytest.mark.unit
 def test_dataset_stream_honours_source_weights(tmp_path):
     fl, _ = simple_dataset(str(tmp_path), [("a", 2, 10, 0.75), ("b", 1, 10, 0.25)], res_size=(8, 8))
-    ds = TextImageDataset(LoaderConfig(fl, resolution=8, shuffle_buffer_size=16, caption_dropout_prob=0.0),
-                          None, 1)
+    ds = TextImageDataset(DataArguments(fl, resolution=8, shuffle_buffer_size=16, caption_dropout_prob=0.0),
+                          None, 1, seed=42)
     it = ds.iter_samples(0)
     n = 1200
     from_a = sum(next(it).raw_caption.startswith("a/") for _ in range(n))
     sd = (n * 0.75 * 0.25) ** 0.5
     assert abs(from_a - 0.75 * n) < 4 * sd, from_a
     assert "by part" in ds.describe() and "by line" in TextImageDataset(
-        LoaderConfig(fl, resolution=8), None, 1, 0, 2, 2).describe()
+        DataArguments(fl, resolution=8), None, 1, 0, 2, 2, seed=42).describe()
 
 
 @pytest.mark.smoke
@@ -128,7 +129,7 @@ def test_one_part_trains_on_two_ranks_of_three_workers(tmp_path):
     """The reference hung with fewer parts than workers; here every worker of every rank yields batches."""
     fl, _ = simple_dataset(str(tmp_path), [("one", 1, 9, None)], res_size=(8, 8))
     for rank in range(2):
-        ds = TextImageDataset(LoaderConfig(fl, resolution=8, shuffle_buffer_size=2), None, 2, rank, 2, 3)
+        ds = TextImageDataset(DataArguments(fl, resolution=8, shuffle_buffer_size=2), None, 2, rank, 2, 3, seed=42)
         with open_loader(ds) as batches:
             states = [json.loads(next(batches)["loader_state"]) for _ in range(6)]
         assert [s["global_worker"] for s in states] == [3 * rank + w for w in (0, 1, 2, 0, 1, 2)]

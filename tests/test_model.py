@@ -7,6 +7,7 @@ from ppdiffusers.models.transformer_2d import Transformer2DModel
 
 from helpers import TINY_INIT
 from sd.args import ModelArguments
+from sd.components import resolve_components
 from sd.model import LatentDiffusionModel
 from trainer.streaming_trainer import GuardedAdamW
 
@@ -16,8 +17,8 @@ pytestmark = pytest.mark.unit
 @pytest.fixture(scope="module")
 def model():
     paddle.seed(0)
-    return LatentDiffusionModel.from_args(ModelArguments(pretrained_model_name_or_path=TINY_INIT, use_ema=True,
-                                                         ema_decay=0.9))
+    return LatentDiffusionModel.from_components(ModelArguments(use_ema=True, ema_decay=0.9),
+                                                resolve_components("train", TINY_INIT))
 
 
 def batch(n=2):
@@ -41,7 +42,7 @@ def test_frozen_parts_and_train_mode(model):
 
 
 def test_ema_moves_and_training_weights_return(model):
-    opt = GuardedAdamW(learning_rate=1e-2, parameters=model.param_groups(1e-2))
+    opt = GuardedAdamW(learning_rate=1e-2, parameters=model.param_groups())
     for _ in range(3):
         model(**batch()).backward()
         opt.step()
@@ -55,7 +56,7 @@ def test_ema_moves_and_training_weights_return(model):
 
 
 def test_nonfinite_steps_are_skipped_counted_then_stop(model):
-    opt = GuardedAdamW(learning_rate=1e-2, parameters=model.param_groups(1e-2), max_nonfinite_steps=2)
+    opt = GuardedAdamW(learning_rate=1e-2, parameters=model.param_groups(), max_nonfinite_steps=2)
     before = model.unet.conv_in.weight.numpy().copy()
     (model(**batch()) * float("nan")).backward()
     opt.step()
@@ -86,7 +87,7 @@ def test_fused_linear_keeps_layers_and_parameters():
 
     from sd.model import FusedLinearForward
 
-    m = LatentDiffusionModel.from_args(ModelArguments(pretrained_model_name_or_path=TINY_INIT))
+    m = LatentDiffusionModel.from_components(ModelArguments(), resolve_components("train", TINY_INIT))
     linears = [n for n, l in m.unet.named_sublayers() if isinstance(l, nn.Linear)]
     before = dict(m.unet.named_parameters())
     assert m.enable_fused_linear() == len(linears) > 0

@@ -56,13 +56,19 @@ def test_resume_is_exact_and_checkpoints_are_complete(tmp_path, demo_file_list):
 
     # save_total_limit 1 keeps only the last checkpoint; each holds what resume and from_pretrained need.
     assert sorted(os.listdir(straight)) == sorted(
-        ["checkpoint-10", "runs", "samples", "scheduler", "training_args.bin", "unet", "unet_ema"])
+        ["checkpoint-10", "runs", "samples", "scheduler", "train_config.json", "training_args.bin", "unet",
+         "unet_ema"])
     ckpt = straight / "checkpoint-10"
-    for name in ("unet/config.json", "unet_ema/config.json", "scheduler/scheduler_config.json", "ema_state.pdparams", "loader_state_rank0.json",
-                 "optimizer.pdopt", "scheduler.pdparams", "rng_state.pth", "trainer_state.json", ".complete"):
+    for name in ("unet/config.json", "unet_ema/config.json", "scheduler/scheduler_config.json", "ema_state.pdparams",
+                 "loader_state_rank0.json", "optimizer.pdopt", "scheduler.pdparams", "rng_state.pth",
+                 "trainer_state.json", "train_config.json", ".complete"):
         assert (ckpt / name).exists(), name
     state = json.loads((ckpt / "loader_state_rank0.json").read_text())
-    assert state and json.dumps(state)  # JSON round trip of the loader position
+    assert state["format"] == "text_image_loader_state" and state["batches_consumed"] == 10
+    # The resolved config travels with the checkpoint: what ran, as run (the device's precision, the EMA).
+    config = json.loads((ckpt / "train_config.json").read_text())
+    assert config["model"]["use_ema"] is True and config["training"]["max_steps"] == 10
+    assert config["components"]["unet"].endswith("unet_config.json")
     # Image logging on rank 0: reconstructions and samples at guidance 1.0 and 7.5, as PNG and in VisualDL.
     pngs = sorted(os.path.basename(p) for p in glob.glob(str(straight / "samples" / "*.png")))
     assert "step-0000005_reconstruction.png" in pngs and "step-0000010_samples_cfg7.5.png" in pngs

@@ -5,6 +5,7 @@ import logging
 import os
 import resource
 import time
+from typing import Optional
 
 import numpy as np
 import paddle
@@ -12,7 +13,9 @@ from paddlenlp.trainer import TrainerCallback
 from paddlenlp.trainer.integrations import VisualDLCallback
 
 from sd.eval import sampling
-from sd.eval.evaluation import SamplingConfig, sample_images
+from sd.images import grid, to_uint8
+from sd.eval.args import SamplingArguments
+from sd.eval.evaluation import sample_images
 
 logger = logging.getLogger("sd")
 
@@ -33,22 +36,13 @@ class ImageLoggingCallback(TrainerCallback):
     GUIDANCE = (1.0, 7.5)
 
     def __init__(self, tokenizer, resolution: int, prompts, num_inference_steps: int, seed: int = 0,
-                 num_recon: int = 4):
+                 num_recon: int = 4, visualdl: Optional[VisualDLCallback] = None):
+        """`visualdl`: the Trainer's own VisualDL callback (None when --report_to has no visualdl); images go to
+        the writer it opens at train begin, beside the scalars."""
         self.tokenizer, self.resolution, self.prompts = tokenizer, resolution, list(prompts)
         self.steps, self.seed, self.num_recon = num_inference_steps, seed, num_recon
+        self.visualdl = visualdl
         self.recon_batch = None
-        self.handler = None
-
-    def attach(self, callback_handler) -> None:
-        """Images go to the VisualDL writer the Trainer's own VisualDLCallback opens (if it reports there)."""
-        self.handler = callback_handler
-
-    @property
-    def writer(self):
-        for cb in self.handler.callbacks if self.handler is not None else []:
-            if isinstance(cb, VisualDLCallback):
-                return cb.vdl_writer
-        return None
 
     def on_load_data_end(self, args, state, control, inputs=None, **kwargs):
         if self.recon_batch is None and inputs is not None and "pixel_values" in inputs:
@@ -74,11 +68,11 @@ class ImageLoggingCallback(TrainerCallback):
         try:
             panels = {}
             if self.recon_batch is not None:
-                orig = sampling.to_uint8(self.recon_batch)
+                orig = to_uint8(self.recon_batch)
                 recon = sampling.reconstruct(model.vae, self.recon_batch)
-                panels["reconstruction"] = sampling.grid(list(orig) + list(recon), cols=len(orig))
+                panels["reconstruction"] = grid(list(orig) + list(recon), cols=len(orig))
             scheduler = sampling.make_scheduler("ddim", model.noise_scheduler.config)
-            config = SamplingConfig(scheduler="ddim", num_inference_steps=self.steps,
+            config = SamplingArguments(scheduler="ddim", num_inference_steps=self.steps,
                                     guidance_scales=list(self.GUIDANCE), seed=self.seed, batch_size=len(self.prompts))
             with model.ema_scope():
                 pipe = sampling.make_pipeline(model.vae, model.text_encoder, self.tokenizer, model.unet, scheduler)
@@ -86,11 +80,11 @@ class ImageLoggingCallback(TrainerCallback):
                     per_prompt = sample_images(pipe, self.prompts, range(len(self.prompts)), config, g,
                                                self.resolution, self.resolution)
                     images = [imgs[0] for imgs in per_prompt]
-                    panels[f"samples_cfg{g:g}"] = sampling.grid(images, cols=len(images))
+                    panels[f"samples_cfg{g:g}"] = grid(images, cols=len(images))
         finally:
             if was_training:
                 model.unet.train()
-        writer = self.writer
+        writer = self.visualdl.vdl_writer if self.visualdl is not None else None
         for name, image in panels.items():
             image.save(os.path.join(out_dir, f"step-{step:07d}_{name}.png"))
             if writer is not None:
@@ -128,6 +122,11 @@ class BenchmarkCallback(TrainerCallback):
                         self.batch_cost / self.steps, self.reader_cost / self.steps, peak_memory())
             self.reader_cost = self.batch_cost = 0.0
             self.samples = self.steps = 0
+
+
+def visualdl_callback(trainer) -> Optional[VisualDLCallback]:
+    """The Trainer's own VisualDL logger (paddlenlp adds it when --report_to includes visualdl), or None."""
+    return next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, VisualDLCallback)), None)
 
 
 def peak_memory() -> str:

@@ -1,20 +1,25 @@
-"""What both training entries (train.py, train_vae.py) do before training: logging, device notices, where to
-resume, and the streaming dataset from the typed arguments."""
+"""What both training entries (train.py, train_vae.py) do before training: logging the resolved config and its
+device notices, where to resume, and the streaming dataset from the typed arguments."""
 from __future__ import annotations
 
 import logging
 import os
 from typing import Optional
 
+from sd.config import format_config
 from trainer.streaming_trainer import last_complete_checkpoint
-from trainer.loader.text_image_dataset import LoaderConfig, TextImageDataset
+from trainer.loader.config import DataArguments
+from trainer.loader.text_image_dataset import TextImageDataset
 
 logger = logging.getLogger("sd")
 
 
-def setup_logging(notices) -> None:
+def log_run_config(run) -> None:
+    """Logging set up, the resolved config logged (what runs, as saved), then one clear line per notice: what
+    the device cannot do and what runs instead."""
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] [%(levelname)s] %(message)s")
-    for notice in notices:  # one clear line each, at start: what the device cannot do and what runs instead
+    logger.info("resolved config:\n%s", format_config(run))
+    for notice in run.notices:
         logger.warning("DEVICE: %s", notice)
 
 
@@ -37,18 +42,13 @@ def resolve_checkpoint(args) -> Optional[str]:
     return last
 
 
-def build_dataset(data_args, training_args, tokenizer, model_max_length: int = 77, file_list: str = None,
-                  center_crop: Optional[bool] = None, caption_dropout_prob: Optional[float] = None,
+def build_dataset(data_args: DataArguments, training_args, tokenizer=None, model_max_length: Optional[int] = None,
                   num_workers: Optional[int] = None) -> TextImageDataset:
-    """The training stream of this rank; keyword overrides serve evaluation passes over another file list."""
-    config = LoaderConfig(
-        file_list=file_list or data_args.file_list, resolution=data_args.resolution,
-        data_format=data_args.data_format, interpolation=data_args.interpolation,
-        center_crop=data_args.center_crop if center_crop is None else center_crop,
-        random_flip=data_args.random_flip and center_crop is None, min_image_size=data_args.min_image_size,
-        caption_dropout_prob=data_args.caption_dropout_prob if caption_dropout_prob is None else caption_dropout_prob,
-        model_max_length=model_max_length, shuffle_buffer_size=data_args.shuffle_buffer_size,
-        seed=training_args.seed)
-    return TextImageDataset(config, tokenizer, batch_size=training_args.per_device_train_batch_size,
+    """This rank's stream of `data_args`, with the seed, batch size and rank layout of `training_args`. A pass
+    over other data (train_vae.py's held-out eval) passes `dataclasses.replace(data_args, ...)` with every
+    difference spelled out, and `num_workers` when it differs from --dataloader_num_workers (paddlenlp's
+    TrainingArguments is not replace()d: its __post_init__ does far more than validate)."""
+    return TextImageDataset(data_args, tokenizer, batch_size=training_args.per_device_train_batch_size,
                             rank=training_args.dataset_rank, world_size=training_args.dataset_world_size,
-                            num_workers=training_args.dataloader_num_workers if num_workers is None else num_workers)
+                            num_workers=training_args.dataloader_num_workers if num_workers is None else num_workers,
+                            seed=training_args.seed, model_max_length=model_max_length)

@@ -6,6 +6,9 @@ What it adds to the Trainer, and nothing more:
   layout StableDiffusionPipeline.from_pretrained loads, unet/, unet_ema/, text_encoder/, plus the EMA state);
 - an AdamW that skips a step whose gradients are not finite, counts it, and stops after N in a row;
 - per-component learning rates (the wrapper's param_groups) and the loader's skip counters in the training log.
+
+The model side is the TrainableModel protocol (trainer/contract.py), checked at construction, as is the paddlenlp
+version the overrides of its private methods (the marked section below) were written against.
 """
 from __future__ import annotations
 
@@ -16,8 +19,11 @@ import shutil
 from typing import Dict, List, Optional, Tuple
 
 import paddle
+import paddlenlp
 from paddlenlp.trainer import Trainer
 
+from data_tools.fileio import write_json_atomic
+from trainer.contract import check_model, check_paddlenlp_private_api
 from trainer.loader.text_image_dataset import LoaderStateTracker, build_dataloader
 
 logger = logging.getLogger("sd")
@@ -65,13 +71,16 @@ class GuardedAdamW(paddle.optimizer.AdamW):
 
 
 class StreamingTrainer(Trainer):
-    def __init__(self, *args, model_args=None, **kwargs):
+    def __init__(self, *args, run_config=None, **kwargs):
+        """`run_config`: the stage's resolved config (a frozen dataclass with .save(folder)), written into
+        output_dir at start and into every checkpoint, so each checkpoint says exactly how it was trained."""
+        check_paddlenlp_private_api(Trainer, paddlenlp.__version__)
         super().__init__(*args, **kwargs)
-        self.model_args = model_args
+        check_model(self.model)
+        self.run_config = run_config
         self.loader_tracker: Optional[LoaderStateTracker] = None
         self._rng_checkpoint: Optional[str] = None
         self._micro_step = 0
-        self.uses_sample_keys = getattr(self.model, "uses_sample_keys", False)
 
     # ------------------------------------------------------------------------------------------ data
     def get_train_dataloader(self):
@@ -88,7 +97,7 @@ class StreamingTrainer(Trainer):
             self._load_rng_state(self._rng_checkpoint)
             self._rng_checkpoint = None
         inputs = self.loader_tracker.consume(inputs)
-        if self.uses_sample_keys:
+        if self.model.uses_sample_keys:
             inputs["sample_keys"] = self.sample_keys(int(inputs["pixel_values"].shape[0]))
         self._micro_step += 1
         return super().training_step(model, inputs)
@@ -106,21 +115,15 @@ class StreamingTrainer(Trainer):
         decay = {p.name for n, p in self.model.named_parameters() if not any(k in n for k in ("bias", "norm"))}
         self.optimizer = GuardedAdamW(
             learning_rate=self.lr_scheduler if lr_scheduler is None else lr_scheduler,
-            parameters=self.model.param_groups(self.args.learning_rate),
+            parameters=self.model.param_groups(),
             beta1=self.args.adam_beta1, beta2=self.args.adam_beta2, epsilon=self.args.adam_epsilon,
             weight_decay=self.args.weight_decay,
             apply_decay_param_fun=lambda name: name in decay,
             grad_clip=paddle.nn.ClipGradByGlobalNorm(self.args.max_grad_norm) if self.args.max_grad_norm > 0 else None,
             multi_precision=self.args.fp16_opt_level == "O2" and (self.args.fp16 or self.args.bf16),
-            max_nonfinite_steps=self.model_args.max_nonfinite_steps,
+            max_nonfinite_steps=self.args.max_nonfinite_steps,
         )
         return self.optimizer
-
-    def create_scheduler(self, num_training_steps: int):
-        # The scheduler's base value is the UNet's learning rate (--unet_learning_rate wins over --learning_rate).
-        if getattr(self.model_args, "unet_learning_rate", None):
-            self.args.learning_rate = self.model_args.unet_learning_rate
-        return super().create_scheduler(num_training_steps)
 
     # ------------------------------------------------------------------------------------------ logging
     def log(self, logs: Dict[str, float], **kwargs) -> None:
@@ -130,12 +133,18 @@ class StreamingTrainer(Trainer):
                     logs[f"data_skipped_{reason}"] = n
             if isinstance(self.optimizer, GuardedAdamW):
                 logs["nonfinite_skipped"] = self.optimizer.nonfinite_skipped
-            if getattr(self.model, "train_text_encoder", False) and self.lr_scheduler is not None:
-                logs["text_encoder_learning_rate"] = self._get_learning_rate() * (
-                    (self.model_args.text_encoder_learning_rate or self.args.learning_rate) / self.args.learning_rate)
+            if self.model.train_text_encoder and self.lr_scheduler is not None:
+                logs["text_encoder_learning_rate"] = self._get_learning_rate() * self.model.text_encoder_lr_scale
         super().log(logs, **kwargs)
 
-    # ------------------------------------------------------------------------------------------ saving
+    def save_run_config(self, folder: str) -> None:
+        if self.run_config is not None and self.args.should_save:
+            self.run_config.save(folder)
+
+    # ------------------------------------------------------------------------------------------
+    # paddlenlp private API. Everything below overrides (or calls) a private Trainer method; their names and
+    # signatures are checked at construction (trainer/contract.py PADDLENLP_PRIVATE_API).
+    # ------------------------------------------------------------------------------------------
     def _save(self, output_dir: Optional[str] = None, state_dict=None, merge_tensor_parallel=False):
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
@@ -148,10 +157,10 @@ class StreamingTrainer(Trainer):
         checkpoint = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
         os.makedirs(checkpoint, exist_ok=True)
         # Every rank writes its own loader position (shared storage: see README, multi-node).
-        with open(loader_state_file(checkpoint, self.args.dataset_rank), "w", encoding="utf-8") as f:
-            json.dump(self.loader_tracker.state_dict(), f)
+        write_json_atomic(loader_state_file(checkpoint, self.args.dataset_rank), self.loader_tracker.state_dict())
         if self.args.should_save:
             self.model.save_resume_state(checkpoint)
+        self.save_run_config(checkpoint)
         super()._save_checkpoint(model, metrics)
         if self.args.should_save:  # written last: a checkpoint without it was interrupted mid-save
             open(os.path.join(checkpoint, COMPLETE_MARKER), "w").close()

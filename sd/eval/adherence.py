@@ -3,10 +3,14 @@
 For each attribute combination of the demo captions (data_tools/make_demo_data.caption_for over COLORS x SHAPES x
 POSITIONS, or a balanced subset) K images are generated at every guidance scale and read back with
 data_tools/demo_attributes.read_attributes; the accuracy of each attribute is reported next to its chance level.
-Image k of combination i uses the same initial latents at every guidance scale (sd/evaluation.image_seed), so the
-guidance comparison is paired: only the guidance differs.
+Image k of combination i uses the same initial latents at every guidance scale (sd/eval/evaluation.image_seed), so
+the guidance comparison is paired: only the guidance differs.
 
     python eval.py adherence --model_dir sd/tiny_init --unet_path runs/tiny/unet --output_dir outputs/adherence
+
+From Python, with a loaded pipeline (e.g. sd/eval/evaluation.load_pipeline):
+
+    measure_adherence(pipe, AdherenceSamplingArguments(output_dir=None), AdherenceArguments(max_combinations=30))
 """
 from __future__ import annotations
 
@@ -17,11 +21,13 @@ import os
 from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from data_tools.fileio import write_json_atomic
+from sd.eval import sampling
+from sd.eval.args import AdherenceArguments, SamplingArguments, resolve_size
+from sd.eval.evaluation import guidance_tag, image_seed, sample_images
+from sd.images import grid
 from sd.tiny.demo_attributes import read_attributes
 from sd.tiny.make_demo_data import COLORS, POSITIONS, SHAPES, caption_for
-from sd.eval import sampling
-from sd.eval.evaluation import (ModelSource, SamplingConfig, guidance_tag, image_seed, load_pipeline, resolve_size,
-                           sample_images, write_json)
 
 logger = logging.getLogger("sd.eval")
 
@@ -62,12 +68,9 @@ def combination_order() -> List[Combination]:
 
 
 def select_combinations(max_combinations: Optional[int]) -> List[Combination]:
-    order = combination_order()
-    if max_combinations is None:
-        return order
-    if not 1 <= max_combinations <= len(order):
-        raise ValueError(f"--max_combinations must be in [1, {len(order)}], got {max_combinations}")
-    return order[:max_combinations]
+    """The first max_combinations of combination_order() (all of them for None); the range is checked by
+    AdherenceArguments."""
+    return combination_order()[:max_combinations]
 
 
 def scheduler_name(pipe) -> str:
@@ -79,54 +82,45 @@ def scheduler_name(pipe) -> str:
                      f"{sorted(sampling.SCHEDULERS)}: build it with sampling.make_scheduler")
 
 
-def measure_adherence(pipe, guidance_scales: Sequence[float] = (1.0, 7.5), num_per_combination: int = 4,
-                      max_combinations: Optional[int] = None, seed: int = 0, height: int = 32, width: int = 32,
-                      num_inference_steps: int = 20, batch_size: int = 32,
-                      output_dir: Optional[str] = None) -> dict:
-    """Accuracies per attribute and guidance scale. With output_dir, also writes adherence.json and one grid per
-    guidance (combinations in order, row-major, each as K adjacent images). Returns the same dict as adherence.json:
+def measure_adherence(pipe, sampling_args: SamplingArguments, adherence: AdherenceArguments) -> dict:
+    """Accuracies per attribute and guidance scale. With sampling_args.output_dir, also writes adherence.json and
+    one grid per guidance (combinations in order, row-major, each as K adjacent images); output_dir None writes
+    nothing. Returns the same dict as adherence.json:
     {"settings", "chance": {attr: p}, "by_guidance": [{"guidance", "num_images", "accuracy": {attr: p},
     "per_value": {attr: {value: p}}}], "records": [one per image: prompt, target, read, seed, guidance]}
     where attr is color | shape | position | all."""
-    if num_per_combination < 1:
-        raise ValueError(f"--num_per_combination must be >= 1, got {num_per_combination}")
-    combos = select_combinations(max_combinations)
-    config = SamplingConfig(scheduler=scheduler_name(pipe), num_inference_steps=num_inference_steps,
-                            guidance_scales=list(guidance_scales), height=height, width=width, seed=seed,
-                            batch_size=batch_size, num_images_per_prompt=num_per_combination)
-    height, width = resolve_size(pipe.vae.config, pipe.unet.config, height, width)
+    if scheduler_name(pipe) != sampling_args.scheduler:
+        raise ValueError(f"the pipeline samples with {scheduler_name(pipe)} but --scheduler is "
+                         f"{sampling_args.scheduler}: build it with sampling.make_scheduler")
+    k, out = adherence.num_per_combination, sampling_args.output_dir
+    combos = select_combinations(adherence.max_combinations)
+    height, width = resolve_size(pipe.vae.config, pipe.unet.config, sampling_args.height, sampling_args.width)
     prompts = [caption_for(*c) for c in combos]
-    if output_dir is not None:
-        os.makedirs(output_dir, exist_ok=True)
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
     # Whole combinations per grid row (K images side by side), about as many rows as columns.
-    grid_cols = num_per_combination * max(1, round(math.sqrt(len(combos) / num_per_combination)))
+    grid_cols = k * max(1, round(math.sqrt(len(combos) / k)))
     records: List[dict] = []
     by_guidance: List[dict] = []
-    for guidance in config.guidance_scales:
-        images = sample_images(pipe, prompts, list(range(len(prompts))), config, guidance, height, width)
-        rows = read_back(combos, images, guidance, seed)
+    for guidance in sampling_args.guidance_scales:
+        images = sample_images(pipe, prompts, list(range(len(prompts))), sampling_args, guidance, height, width, k)
+        rows = read_back(combos, images, guidance, sampling_args.seed)
         by_guidance.append(score_readings(guidance, rows))
         records.extend(rows)
-        if output_dir is not None:
+        if out is not None:
             flat = [im for per_prompt in images for im in per_prompt]
-            sampling.grid(flat, grid_cols).save(
-                os.path.join(output_dir, f"adherence_{guidance_tag(guidance)}.png"))
+            grid(flat, grid_cols).save(os.path.join(out, f"adherence_{guidance_tag(guidance)}.png"))
         logger.info("guidance %g: %s", guidance, by_guidance[-1]["accuracy"])
-    result = {"settings": {"num_combinations": len(combos), "num_per_combination": num_per_combination,
-                           "max_combinations": max_combinations, "seed": seed, "scheduler": config.scheduler,
-                           "num_inference_steps": num_inference_steps, "height": height, "width": width,
-                           "guidance_scales": config.guidance_scales, "grid_columns": grid_cols},
+    result = {"settings": {"num_combinations": len(combos), "num_per_combination": k,
+                           "max_combinations": adherence.max_combinations, "seed": sampling_args.seed,
+                           "scheduler": sampling_args.scheduler,
+                           "num_inference_steps": sampling_args.num_inference_steps, "height": height,
+                           "width": width, "guidance_scales": list(sampling_args.guidance_scales),
+                           "grid_columns": grid_cols},
               "chance": chance_levels(), "by_guidance": by_guidance, "records": records}
-    if output_dir is not None:
-        write_json(os.path.join(output_dir, ADHERENCE_NAME), result)
+    if out is not None:
+        write_json_atomic(os.path.join(out, ADHERENCE_NAME), result)
     return result
-
-
-def measure_adherence_from_paths(model_dir: str, unet_path: Optional[str] = None, use_ema: bool = False,
-                                 text_encoder_path: Optional[str] = None, scheduler: str = "ddim", **kwargs) -> dict:
-    """measure_adherence on a model given by folders (as eval.py's --model_dir/--unet_path/--use_ema)."""
-    source = ModelSource(model_dir, unet_path=unet_path, use_ema=use_ema, text_encoder_path=text_encoder_path)
-    return measure_adherence(load_pipeline(source, scheduler), **kwargs)
 
 
 def read_back(combos: Sequence[Combination], images: Sequence[Sequence], guidance: float, seed: int) -> List[dict]:

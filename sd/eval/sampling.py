@@ -1,13 +1,12 @@
 """Pipeline building blocks shared by the training-time image logging and eval.py: sampling schedulers by name,
-the pipeline from in-memory components, VAE round trips and image grids. The seeded sampling loop itself is
-sd/evaluation.sample_images (per-image numpy latents, independent of batching)."""
+the pipeline from in-memory components and VAE round trips (image grids: sd/images.py). The seeded sampling loop
+itself is sd/eval/evaluation.sample_images (per-image numpy latents, independent of batching)."""
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict
 
 import numpy as np
 import paddle
-from PIL import Image
 from ppdiffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -18,6 +17,8 @@ from ppdiffusers import (
     StableDiffusionPipeline,
 )
 
+from sd.images import to_uint8
+
 SCHEDULERS: Dict[str, tuple] = {
     "ddim": (DDIMScheduler, {}),
     "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
@@ -26,6 +27,9 @@ SCHEDULERS: Dict[str, tuple] = {
     "euler-ancestral": (EulerAncestralDiscreteScheduler, {}),
     "dpm-solver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
 }
+# Schedulers whose step() draws fresh noise from paddle's global RNG (see sd/eval/evaluation.py). DDIM (eta=0),
+# PNDM, LMS, Euler (s_churn=0) and DPM-Solver++ (non-SDE) are deterministic given the initial latents.
+STOCHASTIC_SCHEDULERS = frozenset({"euler-ancestral"})
 
 
 def make_scheduler(name: str, train_scheduler_config):
@@ -49,21 +53,3 @@ def reconstruct(vae, pixel_values: paddle.Tensor) -> np.ndarray:
     """VAE round trip with the posterior mode (deterministic); returns uint8 NHWC."""
     latents = vae.encode(pixel_values).latent_dist.mode()
     return to_uint8(vae.decode(latents).sample)
-
-
-def to_uint8(images: paddle.Tensor) -> np.ndarray:
-    """[-1, 1] NCHW tensor -> uint8 NHWC array."""
-    arr = ((images.astype("float32").clip(-1, 1) + 1) * 127.5).round().numpy().astype(np.uint8)
-    return arr.transpose(0, 2, 3, 1)
-
-
-def grid(images: Sequence, cols: int, pad: int = 2, bg: int = 255) -> Image.Image:
-    """Tile PIL images or HWC uint8 arrays (all the same size) row-major into one image."""
-    arrays = [np.asarray(im.convert("RGB")) if isinstance(im, Image.Image) else np.asarray(im) for im in images]
-    h, w = arrays[0].shape[:2]
-    rows = (len(arrays) + cols - 1) // cols
-    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), bg, np.uint8)
-    for i, a in enumerate(arrays):
-        r, c = divmod(i, cols)
-        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = a
-    return Image.fromarray(canvas)

@@ -18,7 +18,6 @@ committed tokenizer, a trained vae) can be reused and a failed build leaves OUT 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -69,15 +68,19 @@ class TextEncoderConfig:
 
 @dataclass
 class TinyInitConfig:
-    output_dir: str
-    seed: int = 0
-    bpe_file: Optional[str] = None  # build the tokenizer from the merge list; else copy tokenizer_dir
-    tokenizer_dir: Optional[str] = None  # default: OUT/tokenizer (the committed one)
-    vae_dir: Optional[str] = None  # a trained AutoencoderKL folder to copy in
-    reset_vae: bool = False  # allow replacing an existing OUT/vae with an untrained one
-    unet_config: str = UNET_TINY_CONFIG
-    vae_config: str = VAE_TINY_CONFIG
-    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    output_dir: str = field(default=TINY_INIT_DIR, metadata={"help": "The init folder to (re)build."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random text encoder (and of an untrained VAE)."})
+    bpe_file: Optional[str] = field(
+        default=None, metadata={"help": "open-clip-torch wheel or bpe_simple_vocab_16e6.txt.gz: build the tokenizer "
+                                        "from the merge list (else copy --tokenizer_dir)."})
+    tokenizer_dir: Optional[str] = field(
+        default=None, metadata={"help": "Tokenizer folder to copy (default OUT/tokenizer, the committed one)."})
+    vae_dir: Optional[str] = field(default=None, metadata={"help": "Trained AutoencoderKL folder to copy in as vae/."})
+    reset_vae: bool = field(default=False, metadata={"help": "Replace an existing OUT/vae with an untrained one."})
+    unet_config: str = field(default=UNET_TINY_CONFIG, metadata={"help": "UNet config .json of the tiny UNet."})
+    vae_config: str = field(default=VAE_TINY_CONFIG, metadata={"help": "AutoencoderKL config .json."})
+    # The tiny text encoder's architecture: fixed by the recipe, not a flag.
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig, init=False)
 
 
 def _read_json(path: str) -> Dict[str, Any]:
@@ -206,21 +209,10 @@ def build_tiny_init(cfg: TinyInitConfig) -> str:
 
 
 def main(argv: List[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output_dir", default=TINY_INIT_DIR)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bpe_file", default=None, help="open-clip-torch wheel or bpe_simple_vocab_16e6.txt.gz")
-    parser.add_argument("--tokenizer_dir", default=None, help="tokenizer folder to copy (default OUT/tokenizer)")
-    parser.add_argument("--vae_dir", default=None, help="trained AutoencoderKL folder to copy in as vae/")
-    parser.add_argument("--reset_vae", action="store_true", help="replace an existing OUT/vae with an untrained one")
-    parser.add_argument("--unet_config", default=UNET_TINY_CONFIG)
-    parser.add_argument("--vae_config", default=VAE_TINY_CONFIG)
-    args = parser.parse_args(argv)
-    out = build_tiny_init(TinyInitConfig(output_dir=args.output_dir, seed=args.seed, bpe_file=args.bpe_file,
-                                         tokenizer_dir=args.tokenizer_dir, vae_dir=args.vae_dir,
-                                         reset_vae=args.reset_vae, unet_config=args.unet_config,
-                                         vae_config=args.vae_config))
-    print(f"wrote {out}")
+    from sd.config import parse_args
+
+    (cfg,) = parse_args([TinyInitConfig], argv)
+    print(f"wrote {build_tiny_init(cfg)}")
     return 0
 
 

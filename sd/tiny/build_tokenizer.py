@@ -14,7 +14,7 @@ rebuild is byte-identical to the committed folder (tests/test_tokenizer.py).
 """
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
 import gzip
 import json
 import os
@@ -129,12 +129,17 @@ def build_tokenizer(bpe_file: str, output_dir: str) -> str:
     return output_dir
 
 
+@dataclass
+class TokenizerArguments:
+    bpe_file: str = field(metadata={"help": "bpe_simple_vocab_16e6.txt.gz, or the open-clip-torch wheel that "
+                                            "contains it."})
+    output_dir: str = field(metadata={"help": "Tokenizer folder to write."})
+
+
 def main(argv: List[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bpe_file", required=True,
-                        help="bpe_simple_vocab_16e6.txt.gz, or the open-clip-torch wheel that contains it")
-    parser.add_argument("--output_dir", required=True)
-    args = parser.parse_args(argv)
+    from sd.config import parse_args
+
+    (args,) = parse_args([TokenizerArguments], argv)
     out = build_tokenizer(args.bpe_file, args.output_dir)
     print(f"wrote a {VOCAB_SIZE}-token CLIP tokenizer to {out}")
     return 0

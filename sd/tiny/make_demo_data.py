@@ -18,12 +18,12 @@ Design choices (why):
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -175,15 +175,24 @@ def make_demo_parts(out_dir: str, num_images: int, image_size: int = 32, seed: i
     return os.path.join(out_dir, "filelist", f"{name}.filelist.list")
 
 
+@dataclass
+class DemoDataArguments:
+    output_dir: str = field(metadata={"help": "Folder for images/ and demo.jsonl."})
+    num_images: int = field(default=900, metadata={"help": "900 = 10 images of each of the 90 combinations."})
+    image_size: int = field(default=64, metadata={"help": "Side of the square images, pixels."})
+    seed: int = field(default=0, metadata={"help": "Seed of the shapes' jitter and backgrounds."})
+    format: str = field(default="png", metadata={"help": "Image file format.", "choices": list(FORMATS)})
+
+    def __post_init__(self):
+        if self.num_images < 1:
+            raise ValueError(f"--num_images must be >= 1, got {self.num_images}")
+
+
 def main(argv: List[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--num_images", type=int, default=900, help="900 = 10 images of each of the 90 combinations")
-    parser.add_argument("--image_size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--format", dest="fmt", choices=FORMATS, default="png")
-    args = parser.parse_args(argv)
-    path = generate_demo_dataset(args.output_dir, args.num_images, args.image_size, args.seed, args.fmt)
+    from sd.config import parse_args
+
+    (args,) = parse_args([DemoDataArguments], argv)
+    path = generate_demo_dataset(args.output_dir, args.num_images, args.image_size, args.seed, args.format)
     print(f"wrote {args.num_images} images of {args.image_size}px and {path}")
     return 0
 

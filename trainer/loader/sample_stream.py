@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -19,9 +19,16 @@ from trainer.loader.sharding import (WorkerLayout, buffer_pick, choose_source, k
                               worker_parts)
 from trainer.loader.transforms import ImageTransform
 
+if TYPE_CHECKING:
+    from trainer.loader.config import DataArguments
+
 logger = logging.getLogger("trainer.loader")
 
 TAG_SAMPLE = 4  # sharding.py's tags are 1-3
+# N bad records in a row end that part for the epoch, with a warning naming it: a part that is garbage from
+# some line on (a bad dump, a wrong format) costs 50 parse attempts, not its whole length. Not a flag: no
+# dataset has needed another value.
+MAX_CONSECUTIVE_FAILURES = 50
 Ref = Tuple[int, int, int, int]  # (source, epoch, part index, line number)
 
 
@@ -187,13 +194,15 @@ def read_refs(sources: Sequence[SourceSpec], refs: Sequence[Ref]) -> Dict[Ref, R
     return out
 
 
-@dataclass
+@dataclass(frozen=True)
 class StreamConfig:
+    """What a stream reads: the loader's DataArguments (shuffle_buffer_size, caption_dropout_prob), the
+    training seed, and where its skip warnings say they come from."""
+
+    data: "DataArguments"
     seed: int
-    buffer_size: int
-    caption_dropout_prob: float
-    max_consecutive_failures: int
     skips_where: str = "loader"
+    max_consecutive_failures: int = MAX_CONSECUTIVE_FAILURES
 
 
 class WorkerStream:
@@ -230,7 +239,7 @@ class WorkerStream:
     def next_sample(self, out: Optional[np.ndarray] = None) -> Sample:
         """The next sample; its pixels are written into `out` ([3, R, R] float32) when given."""
         while True:
-            while len(self.buffer) < self.cfg.buffer_size:
+            while len(self.buffer) < self.cfg.data.shuffle_buffer_size:
                 self.buffer.append(self._insert())
             i = buffer_pick(len(self.buffer), self.cfg.seed, self.g, self.emitted)
             self.emitted += 1
@@ -240,7 +249,7 @@ class WorkerStream:
             # Per-record randomness keyed by the record and its epoch: the same augmentation whichever
             # worker reads it, and nothing to save.
             rng = np.random.default_rng([self.cfg.seed, TAG_SAMPLE, s, epoch, part, line])
-            dropped = rng.random() < self.cfg.caption_dropout_prob
+            dropped = rng.random() < self.cfg.data.caption_dropout_prob
             try:
                 img = rec.header if rec.header is not None else self.transform.open_checked(rec.image)
                 pixels = self.transform.apply(img, rng, out)

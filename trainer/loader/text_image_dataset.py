@@ -1,11 +1,13 @@
 """Streaming text-image dataset for Stable Diffusion pretraining: weighted sources of laion-format parts,
 sharded over ranks x DataLoader workers, deterministic, exactly resumable, robust to bad records.
 
-Pieces: sharding.py (who reads what), transforms.py (image -> tensor), sample_stream.py (one worker's
-stream), loader_state.py (checkpoint state and its tracker). This module wires them behind the interface the
-Trainer uses:
+Pieces: config.py (DataArguments: the data section of the training arguments, the only configuration),
+sharding.py (who reads what), transforms.py (image -> tensor), sample_stream.py (one worker's stream),
+loader_state.py (checkpoint state and its tracker). This module wires them behind the interface the Trainer
+uses (the seed and the tokenizer's length come from the training and model arguments, not from DataArguments):
 
-    ds = TextImageDataset(cfg, tokenizer, per_device_batch, rank, world_size, num_workers)
+    ds = TextImageDataset(data_args, tokenizer, per_device_batch, rank, world_size, num_workers,
+                          seed=training_args.seed, model_max_length=model_args.model_max_length)
     ds.load_state_dict(saved)            # optional, before build_dataloader()
     dl = build_dataloader(ds)
     tracker = LoaderStateTracker(ds)
@@ -14,85 +16,52 @@ Trainer uses:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import paddle
 
-from data_tools.part_format import DATA_FORMATS, data_format_of, read_filelist_list
+from data_tools.part_format import data_format_of, read_filelist_list
+from trainer.loader.config import DataArguments
 from trainer.loader.loader_state import LoaderStateTracker, ResumePlan, batch_state, fresh_plan, plan_resume
 from trainer.loader.sample_stream import Sample, SourceSpec, StreamConfig, WorkerStream
 from trainer.loader.sharding import WorkerLayout, sharding_mode
 from trainer.loader.resample import single_thread_blas
-from trainer.loader.transforms import INTERPOLATIONS, ImageTransform
+from trainer.loader.transforms import ImageTransform
 
-__all__ = ["LoaderConfig", "TextImageDataset", "build_dataloader", "LoaderStateTracker", "Sample"]
-
-
-@dataclass
-class LoaderConfig:
-    file_list: str  # a .filelist.list
-    resolution: int = 256
-    data_format: Optional[str] = None  # None: each source's manifest (part_format.data_format_of), else laion400m
-    interpolation: str = "lanczos"  # lanczos | bicubic | bilinear | nearest
-    center_crop: bool = False  # False = random crop, as the reference
-    random_flip: bool = False
-    min_image_size: int = 0  # images whose shorter side is smaller are skipped AND counted
-    caption_dropout_prob: float = 0.1  # caption replaced by "" (the unconditional prompt for CFG)
-    model_max_length: int = 77
-    shuffle_buffer_size: int = 256
-    seed: int = 42
-    max_consecutive_failures: int = 50  # N failures in a row end that part with a warning naming it
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.file_list, str) or not self.file_list:
-            raise ValueError(f"LoaderConfig.file_list must be a path, got {self.file_list!r}")
-        if self.data_format is not None and self.data_format not in DATA_FORMATS:
-            raise ValueError(f"LoaderConfig.data_format {self.data_format!r} not in {DATA_FORMATS} (or None)")
-        if self.resolution < 8:
-            raise ValueError(f"LoaderConfig.resolution must be >= 8, got {self.resolution}")
-        if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"LoaderConfig.interpolation {self.interpolation!r} not in {sorted(INTERPOLATIONS)}")
-        if self.min_image_size < 0:
-            raise ValueError(f"LoaderConfig.min_image_size must be >= 0, got {self.min_image_size}")
-        if not 0.0 <= self.caption_dropout_prob <= 1.0:
-            raise ValueError(f"LoaderConfig.caption_dropout_prob must be in [0, 1], got {self.caption_dropout_prob}")
-        if self.model_max_length < 2:
-            raise ValueError(f"LoaderConfig.model_max_length must be >= 2, got {self.model_max_length}")
-        if self.shuffle_buffer_size < 1:
-            raise ValueError(f"LoaderConfig.shuffle_buffer_size must be >= 1, got {self.shuffle_buffer_size}")
-        if self.seed < 0:
-            raise ValueError(f"LoaderConfig.seed must be >= 0 (it keys numpy SeedSequences), got {self.seed}")
-        if self.max_consecutive_failures < 1:
-            raise ValueError(
-                f"LoaderConfig.max_consecutive_failures must be >= 1, got {self.max_consecutive_failures}")
+__all__ = ["TextImageDataset", "build_dataloader", "LoaderStateTracker", "Sample"]
 
 
 class TextImageDataset(paddle.io.IterableDataset):
     """Yields complete batches: {"pixel_values": float32 [B,3,R,R] in [-1,1], "input_ids": int64 [B,L]
     (absent when tokenizer is None), "loader_state": JSON str}."""
 
-    def __init__(self, config: LoaderConfig, tokenizer: Any, batch_size: int, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0):
+    def __init__(self, data: DataArguments, tokenizer: Any, batch_size: int, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, *, seed: int,
+                 model_max_length: Optional[int] = None):
+        """`seed` is the training seed (it keys every random choice); `model_max_length` the tokenizer's
+        padding length, needed only with a tokenizer."""
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.config, self.tokenizer, self.batch_size = config, tokenizer, batch_size
-        self.num_workers = num_workers
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0 (it keys numpy SeedSequences), got {seed}")
+        if tokenizer is not None and (model_max_length is None or model_max_length < 2):
+            raise ValueError(f"model_max_length must be >= 2 with a tokenizer, got {model_max_length}")
+        self.data, self.tokenizer, self.batch_size = data, tokenizer, batch_size
+        self.seed, self.model_max_length, self.num_workers = seed, model_max_length, num_workers
         self.layout = WorkerLayout(rank, world_size, num_workers)
         # Validates the file list now, naming any missing filelist or part, rather than in a worker later.
         self.sources = [SourceSpec(src.filelist, src.weight, src.parts, data_format_of(src.filelist,
-                                                                                       config.data_format))
-                        for src in read_filelist_list(config.file_list)]
-        self.transform = ImageTransform(config.resolution, config.interpolation, config.center_crop,
-                                        config.random_flip, config.min_image_size)
+                                                                                       data.data_format))
+                        for src in read_filelist_list(data.file_list)]
+        self.transform = ImageTransform(data)
         self.resume_plan: ResumePlan = fresh_plan(self.layout.workers_per_rank)
 
     # ------------------------------------------------------------------------------------------ state
     def state_header(self) -> dict:
         return {"rank": self.layout.rank, "world_size": self.layout.world_size,
-                "num_workers": self.num_workers, "seed": self.config.seed,
+                "num_workers": self.num_workers, "seed": self.seed,
                 "sources": [{"filelist": s.filelist, "parts": len(s.parts)} for s in self.sources]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -107,7 +76,7 @@ class TextImageDataset(paddle.io.IterableDataset):
         lay = self.layout
         return (f"{len(self.sources)} source(s): {srcs}; {lay.global_workers} global workers "
                 f"(world {lay.world_size} x {lay.workers_per_rank} per rank), rank {lay.rank}, "
-                f"batch {self.batch_size}, {self.config.resolution}px, seed {self.config.seed}")
+                f"batch {self.batch_size}, {self.data.resolution}px, seed {self.seed}")
 
     # ------------------------------------------------------------------------------------------ streams
     def _logical_worker(self) -> int:
@@ -121,9 +90,7 @@ class TextImageDataset(paddle.io.IterableDataset):
         return (physical + self.resume_plan.next_logical) % self.layout.workers_per_rank
 
     def open_stream(self, logical_worker: int) -> WorkerStream:
-        cfg = self.config
-        scfg = StreamConfig(cfg.seed, cfg.shuffle_buffer_size, cfg.caption_dropout_prob,
-                            cfg.max_consecutive_failures, f"rank {self.layout.rank}")
+        scfg = StreamConfig(self.data, self.seed, f"rank {self.layout.rank}")
         return WorkerStream(self.sources, self.layout, logical_worker, self.transform, scfg,
                             self.resume_plan.workers[logical_worker])
 
@@ -137,7 +104,7 @@ class TextImageDataset(paddle.io.IterableDataset):
             yield sample
 
     def tokenize(self, captions: List[str]) -> np.ndarray:
-        L = self.config.model_max_length
+        L = self.model_max_length
         ids = self.tokenizer(captions, padding="max_length", truncation=True, max_length=L,
                              return_attention_mask=False)["input_ids"]
         arr = np.asarray(ids, dtype=np.int64)
@@ -151,7 +118,7 @@ class TextImageDataset(paddle.io.IterableDataset):
         saved = self.resume_plan.workers[logical]
         batches = int(saved.get("batches", 0)) if saved else 0
         g = self.layout.global_id(logical)
-        r = self.config.resolution
+        r = self.data.resolution
         while True:
             # A fresh array per batch (the consumer keeps the previous one); samples decode straight into it.
             pixels = np.empty((self.batch_size, 3, r, r), dtype=np.float32)

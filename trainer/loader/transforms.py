@@ -18,13 +18,16 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from data_tools.part_format import RecordError
 from trainer.loader.resample import FILTERS, resample_crop
+
+if TYPE_CHECKING:  # config.py imports INTERPOLATIONS from here
+    from trainer.loader.config import DataArguments
 
 INTERPOLATIONS = tuple(FILTERS)  # lanczos, bicubic, bilinear, nearest: Pillow's filters, see resample.py
 
@@ -69,18 +72,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 class ImageTransform:
-    """Resize the shorter side to `resolution`, crop a square (random or center), optionally flip,
-    normalize to [-1, 1], channels first."""
+    """Resize the shorter side to `data.resolution`, crop a square (random or center), optionally flip,
+    normalize to [-1, 1], channels first. Reads its settings from the loader's DataArguments (validated
+    there): resolution, interpolation, center_crop, random_flip, min_image_size."""
 
-    def __init__(self, resolution: int, interpolation: str = "lanczos", center_crop: bool = False,
-                 random_flip: bool = False, min_image_size: int = 0):
-        if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation {interpolation!r} not in {sorted(INTERPOLATIONS)}")
-        self.resolution = resolution
-        self.interpolation = interpolation
-        self.center_crop = center_crop
-        self.random_flip = random_flip
-        self.min_image_size = min_image_size
+    def __init__(self, data: "DataArguments"):
+        self.data = data
 
     def open_checked(self, image_bytes: bytes) -> Image.Image:
         """The image opened from its header only (pixels are decoded later, by `apply`): cheap enough to run
@@ -95,13 +92,13 @@ class ImageTransform:
         w, h = img.size
         if w < 1 or h < 1:
             raise RecordError("bad_image", f"image size {w}x{h}")
-        if min(w, h) < self.min_image_size:
-            raise RecordError("too_small", f"{w}x{h} < min_image_size {self.min_image_size}")
+        if min(w, h) < self.data.min_image_size:
+            raise RecordError("too_small", f"{w}x{h} < min_image_size {self.data.min_image_size}")
         return w, h
 
     def resized_size(self, w: int, h: int) -> Tuple[int, int]:
         """Size after scaling the shorter side to the resolution (never below it on either side)."""
-        r = self.resolution
+        r = self.data.resolution
         scale = r / min(w, h)
         return max(r, round(w * scale)), max(r, round(h * scale))
 
@@ -109,20 +106,20 @@ class ImageTransform:
         """Crop offsets and flip for an image of original size (w, h). Draws from `rng` in a fixed order
         (left, top, flip) whatever the flags, so flags do not shift other random choices."""
         rw, rh = self.resized_size(w, h)
-        r = self.resolution
+        r = self.data.resolution
         left_r, top_r, flip_r = int(rng.integers(rw - r + 1)), int(rng.integers(rh - r + 1)), rng.random()
-        if self.center_crop:
+        if self.data.center_crop:
             left, top = int(round((rw - r) / 2.0)), int(round((rh - r) / 2.0))
         else:
             left, top = left_r, top_r
-        return CropPlan(left, top, bool(self.random_flip and flip_r < 0.5))
+        return CropPlan(left, top, bool(self.data.random_flip and flip_r < 0.5))
 
     def decode(self, img: Image.Image) -> Image.Image:
         """Pixels of an opened image as RGB; a JPEG much larger than the target is decoded at a 1/2^k draft
         scale. Corrupt pixel data raises RecordError('bad_image') here."""
         w, h = img.size
         try:
-            if img.format == "JPEG" and min(w, h) >= 2 * self.resolution:
+            if img.format == "JPEG" and min(w, h) >= 2 * self.data.resolution:
                 # Ask for the resized size: Pillow picks the largest 1/2^k scale that keeps both sides >= it.
                 img.draft("RGB", self.resized_size(w, h))
             img.load()
@@ -133,7 +130,7 @@ class ImageTransform:
     def crop_box(self, decoded_size: Tuple[int, int], size: Tuple[int, int], plan: CropPlan) -> Tuple[float, ...]:
         """The crop of `plan` as a box (x0, y0, x1, y1) in the pixels of the decoded image (`decoded_size`, after
         any draft) of an image whose original size is `size`: resized coords * (decoded / resized)."""
-        r = self.resolution
+        r = self.data.resolution
         (rw, rh), (dw, dh) = self.resized_size(*size), decoded_size
         sx, sy = dw / rw, dh / rh
         # min(): (left + r) * dw / rw may land an ulp past dw.
@@ -144,7 +141,7 @@ class ImageTransform:
         """The R x R crop of `plan` as float32 [3, R, R] in [-1, 1] (into `out` when given), computed from
         the decoded RGB `img` of an image whose original size is `size`: only the crop box is resampled."""
         # Not wrapped in RecordError: the pixels are loaded by now, so an error here is a bug, not bad data.
-        return resample_crop(img, self.crop_box(img.size, size, plan), self.resolution, self.interpolation,
+        return resample_crop(img, self.crop_box(img.size, size, plan), self.data.resolution, self.data.interpolation,
                              plan.flip, out)
 
     def apply(self, img: Image.Image, rng: np.random.Generator, out: Optional[np.ndarray] = None) -> np.ndarray:

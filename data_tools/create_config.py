@@ -1,0 +1,158 @@
+"""The configuration of create_pretraining_data.py: every flag declared, defaulted and validated once.
+
+    CreateDataArguments   the flags (the command line is generated from it by sd.config.parse_args)
+    resolve(args)         -> CreateDataRun: the same fields with resolved values (absolute output path and image
+                          root, the core count for --num_workers) plus what is derived from them (the expanded
+                          input files, the image root of each)
+
+The resolved run is what runs: the main process reads it, each pool worker receives it once, and the manifest
+records it as its "arguments". A field typed `PartBytes[...]` changes the bytes of a part, so its resolved value
+goes into the journal's "settings", which a --resume run must match exactly (part_settings).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from glob import glob
+from typing import Annotated, List, Optional, Tuple, TypeVar, get_type_hints
+
+from data_tools.create_outputs import CreateDataError
+
+# PIL's own default bound (Image.MAX_IMAGE_PIXELS): ~ a 9459 x 9459 image, 268 MB as RGB.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+
+class _PartBytesMarker:
+    def __repr__(self) -> str:
+        return "PART_BYTES"
+
+
+# A marker in the type, not in field metadata: PdArgumentParser hands every metadata key to argparse's
+# add_argument, which refuses unknown ones, while it reads types through get_type_hints, which drops Annotated.
+PART_BYTES = _PartBytesMarker()
+_T = TypeVar("_T")
+PartBytes = Annotated[_T, PART_BYTES]
+
+
+@dataclass(frozen=True)
+class CreateDataArguments:
+    """The flags of create_pretraining_data.py. The reference's flags keep their names and defaults
+    (input_path .. num_repeat); the others are this tool's."""
+
+    output_path: str = field(metadata={"help": "output folder"})
+    input_path: List[str] = field(default_factory=list, metadata={
+        "help": "jsonl file(s) and/or glob(s); globs expand sorted (required unless --merge_shards)"})
+    output_name: str = field(default="custom_dataset", metadata={
+        "help": "name of the filelist, manifest and rejects files"})
+    caption_key: PartBytes[str] = field(default="caption", metadata={"help": "jsonl key of the caption"})
+    image_key: PartBytes[str] = field(default="image", metadata={"help": "jsonl key of the image path"})
+    per_part_file_num: PartBytes[int] = field(default=1000, metadata={"help": "input records per part file"})
+    save_gzip_file: PartBytes[bool] = field(default=False, metadata={"help": "gzip the parts (part-XXXXXX.gz)"})
+    num_repeat: int = field(default=1, metadata={"help": "times the part list is repeated in the filelist"})
+    num_workers: Optional[int] = field(default=None, metadata={
+        "help": "decode processes (0: none, in-process; None: the core count)"})
+    gzip_level: PartBytes[int] = field(default=6, metadata={
+        "help": "zlib-style level 0-9 (ISA-L uses 0-3: level // 3)"})
+    image_root: PartBytes[Optional[str]] = field(default=None, metadata={
+        "help": "folder image paths resolve against (None: each jsonl's folder)"})
+    allow_outside_root: PartBytes[bool] = field(default=False, metadata={
+        "help": "accept image paths that resolve outside the root"})
+    allow_empty_caption: PartBytes[bool] = field(default=False, metadata={
+        "help": "keep records whose caption is blank"})
+    max_image_pixels: PartBytes[int] = field(default=DEFAULT_MAX_IMAGE_PIXELS, metadata={
+        "help": "reject larger images (w*h)"})
+    min_image_size: PartBytes[int] = field(default=0, metadata={
+        "help": "reject images whose shorter side is smaller"})
+    max_side: PartBytes[Optional[int]] = field(default=None, metadata={
+        "help": "downscale larger images to this longer side (JPEG re-encode)"})
+    jpeg_quality: PartBytes[int] = field(default=95, metadata={"help": "JPEG quality of --max_side re-encodes"})
+    resume: bool = field(default=False, metadata={
+        "help": "complete an interrupted run, keeping its verified parts"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output of this name"})
+    num_shards: PartBytes[int] = field(default=1, metadata={
+        "help": "split the work over this many runs (machines)"})
+    shard_id: PartBytes[int] = field(default=0, metadata={"help": "which shard this run does, 0..num_shards-1"})
+    merge_shards: bool = field(default=False, metadata={
+        "help": "combine the finished shards into NAME's filelist/manifest"})
+    max_reject_ratio: float = field(default=1.0, metadata={
+        "help": "fail (exit 3) when more records are rejected"})
+    progress_interval: float = field(default=2.0, metadata={"help": "seconds between progress lines"})
+
+    def __post_init__(self) -> None:
+        checks = [
+            (bool(self.input_path) or self.merge_shards,
+             "--input_path is required (unless --merge_shards)"),
+            (bool(self.output_path), "--output_path must name a folder, got ''"),
+            (bool(self.output_name) and "/" not in self.output_name,
+             f"--output_name must be a plain file name, got {self.output_name!r}"),
+            (self.per_part_file_num >= 1, f"--per_part_file_num must be >= 1, got {self.per_part_file_num}"),
+            (self.num_repeat >= 1, f"--num_repeat must be >= 1, got {self.num_repeat}"),
+            (self.num_workers is None or self.num_workers >= 0,
+             f"--num_workers must be >= 0, got {self.num_workers}"),
+            (0 <= self.gzip_level <= 9, f"--gzip_level must be in 0..9, got {self.gzip_level}"),
+            (self.max_image_pixels >= 1, f"--max_image_pixels must be >= 1, got {self.max_image_pixels}"),
+            (self.min_image_size >= 0, f"--min_image_size must be >= 0, got {self.min_image_size}"),
+            (self.max_side is None or self.max_side >= 1, f"--max_side must be >= 1, got {self.max_side}"),
+            (1 <= self.jpeg_quality <= 100, f"--jpeg_quality must be in 1..100, got {self.jpeg_quality}"),
+            (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other, got both"),
+            (self.num_shards >= 1, f"--num_shards must be >= 1, got {self.num_shards}"),
+            (0 <= self.shard_id < self.num_shards,
+             f"--shard_id must be in 0..{self.num_shards - 1}, got {self.shard_id}"),
+            (not self.merge_shards or self.num_shards >= 2,
+             f"--merge_shards needs --num_shards >= 2, got {self.num_shards}"),
+            (0.0 <= self.max_reject_ratio <= 1.0, f"--max_reject_ratio must be in 0..1, got {self.max_reject_ratio}"),
+            (self.image_root is None or os.path.isdir(self.image_root),
+             f"--image_root must be a folder, got {self.image_root}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class CreateDataRun(CreateDataArguments):
+    """A run's resolved configuration: every flag (output_path and image_root absolute, num_workers a number)
+    plus the values derived from them. Made by resolve() only; frozen and picklable (sent to each worker)."""
+
+    input_files: Tuple[str, ...] = field(default=(), kw_only=True)  # absolute, globs expanded, in order
+    image_roots: Tuple[str, ...] = field(default=(), kw_only=True)  # image root of each input file, by index
+
+    def part_settings(self) -> dict:
+        """The resolved values of the PartBytes fields: a resumed run must match them exactly."""
+        hints = get_type_hints(CreateDataArguments, include_extras=True)
+        return {f.name: getattr(self, f.name) for f in fields(CreateDataArguments)
+                if PART_BYTES in getattr(hints[f.name], "__metadata__", ())}
+
+
+def resolve(args: CreateDataArguments) -> CreateDataRun:
+    """The run of `args` on this machine. Raises CreateDataError (exit 1) when an input file is unusable."""
+    # --merge_shards reads only the shards' manifests: its inputs may live on other machines.
+    inputs = () if args.merge_shards else tuple(expand_inputs(args.input_path))
+    root = os.path.abspath(args.image_root) if args.image_root else None
+    parsed = {f.name: getattr(args, f.name) for f in fields(CreateDataArguments)}
+    parsed.update(output_path=os.path.abspath(args.output_path), image_root=root,
+                  num_workers=(os.cpu_count() or 1) if args.num_workers is None else args.num_workers)
+    return CreateDataRun(**parsed, input_files=inputs,
+                         image_roots=tuple(root or os.path.dirname(s) for s in inputs))
+
+
+def expand_inputs(patterns: List[str]) -> List[str]:
+    """Absolute input paths: plain paths in the order given, globs expanded sorted. Each must be a readable
+    file, named once."""
+    paths: List[str] = []
+    for pattern in patterns:
+        matches = sorted(glob(pattern)) if re.search(r"[*?[]", pattern) else [pattern]
+        if not matches:
+            raise CreateDataError(f"--input_path {pattern!r} matches no file")
+        for m in matches:
+            path = os.path.abspath(m)
+            if not os.path.isfile(path):
+                raise CreateDataError(f"cannot read input file {path}: " +
+                                      ("it is not a file" if os.path.exists(path) else "no such file"))
+            if not os.access(path, os.R_OK):
+                raise CreateDataError(f"cannot read input file {path}: permission denied")
+            if path in paths:
+                raise CreateDataError(f"input file {path} is named twice by --input_path")
+            paths.append(path)
+    return paths
