@@ -3,8 +3,8 @@
 
     python create_pretraining_data.py --input_path data/*.jsonl --output_path OUT [--save_gzip_file]
 
-writes OUT/laion400m_format_data/part-XXXXXX[.gz], OUT/filelist/NAME.filelist[.list], OUT/NAME.manifest.json and
-OUT/NAME.rejects.jsonl. The flags: data_tools/create_config.py (`--help` lists them). Design, sharding, resume and
+writes OUT/laion400m_format_data/NAME/part-XXXXXX[.gz], OUT/filelist/NAME.filelist[.list], OUT/NAME.manifest.json
+and OUT/NAME.rejects.jsonl (NAME: --output_name, default custom_dataset). The flags: data_tools/create_config.py (`--help` lists them). Design, sharding, resume and
 exit codes: data_tools/create_data.py.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import List, Optional
 
 from data_tools.create_config import CreateDataArguments, CreateDataRun, resolve
-from data_tools.create_data import CREATED_BY, RejectRatioExceeded, run, summary
-from data_tools.create_outputs import CreateDataError, merge_shards
+from data_tools.create_data import CREATED_BY, RejectRatioExceeded, merge_shards, run, summary
+from data_tools.create_outputs import CreateDataError
 from sd.config import parse_args, to_jsonable
 
 
@@ -37,9 +37,13 @@ def merge(cfg: CreateDataRun) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     try:
-        (args,) = parse_args([CreateDataArguments], argv, description=__doc__,
+        # exit_on_error=False: a value of the wrong type is one line below, not a screen of usage
+        (args,) = parse_args([CreateDataArguments], argv, description=__doc__, exit_on_error=False,
+                             usage="create_pretraining_data.py --input_path JSONL... --output_path DIR [flags] "
+                                   "(--help lists them)",
                              formatter_class=argparse.RawDescriptionHelpFormatter)  # argparse's errors exit 2
-    except (ValueError, FileNotFoundError) as e:  # a value __post_init__ refuses, an unknown flag, no such .json
+    except (ValueError, FileNotFoundError, argparse.ArgumentError) as e:
+        # a value __post_init__ refuses, an unknown flag, no such .json, a value argparse cannot convert
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

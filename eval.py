@@ -5,25 +5,30 @@
     python eval.py --model_dir ./CompVis-stable-diffusion-v1-4 --unet_path runs/x/checkpoint-5000/unet --use_ema \
         --prompt_file coco30k.tsv --prompt_column caption_en --height 512 --width 512 --output_dir outputs/coco
     python eval.py adherence --model_dir sd/tiny_init --unet_path runs/tiny/unet --output_dir outputs/adherence
+    python eval.py --model_dir runs/x --variant ema --prompt_file coco30k.tsv --prompt_column caption_en \
+        --layout ppdiffusers --device gpu --output_dir outputs/coco     (what generate_images.py runs)
 
-Generation writes OUTPUT_DIR/g<guidance>/<prompt>_<image>.png, a grid per prompt and guidance and index.json;
+Generation writes OUTPUT_DIR/g<guidance>/<prompt>_<image>.png, a grid per prompt and guidance and index.json
+(--layout ppdiffusers: OUTPUT_DIR/mscoco.en_g<guidance>/<prompt>_000.png only, for PaddleMIX's FID/CLIP script);
 adherence writes adherence.json and prints a table of accuracies against chance. Both save the resolved
 configuration as OUTPUT_DIR/eval_config.json. The flags are the fields of sd/eval/args.py's dataclasses (a single
 .json argument holding them works too). See sd/eval/evaluation.py for how seeds make images independent of
---batch_size.
+--batch_size. A bad flag or input file stops the run before any weights load, in one line naming it.
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
+
+import paddle
 
 from sd.config import parse_args, format_config, save_config
 from sd.eval.adherence import ADHERENCE_NAME, format_table, measure_adherence
 from sd.eval.args import (AdherenceArguments, AdherenceSamplingArguments, EvalConfig, ModelSourceArguments,
                           PromptArguments, SamplingArguments, resolve)
-from sd.eval.evaluation import INDEX_NAME, generate_to_dir, load_pipeline, prompt_list
+from sd.eval.evaluation import INDEX_NAME, foreign_images, generate_to_dir, load_pipeline, prompt_list
 
 logger = logging.getLogger("sd.eval")
 
@@ -46,49 +51,71 @@ def parse(argv: List[str]):
     return command, parse_args(types, argv, **settings)
 
 
-def _start(config: EvalConfig) -> None:
-    """Log and save the resolved config (what runs), after every check and before the weights load."""
+# A bad flag value or input file, found before any weights load: one line on stderr, no traceback.
+START_ERRORS = (ValueError, OSError)
+
+
+def start(command: str, args: tuple, **resolve_kwargs) -> Tuple[EvalConfig, Optional[List[str]]]:
+    """Resolve, read the prompts, refuse leftovers, then save and log the resolved config (what runs): every
+    check happens here, before the weights load. resolve_kwargs: another entry's translation (flag names, its
+    own arguments, notices; generate_images.py)."""
+    if command == "adherence":
+        model, sampling_args, adherence = args
+        config, prompts = resolve(model, sampling_args, adherence=adherence, **resolve_kwargs), None
+    else:
+        model, sampling_args, prompt_args = args
+        config = resolve(model, sampling_args, prompts=prompt_args, **resolve_kwargs)
+        prompts = prompt_list(prompt_args)
+        leftovers = foreign_images(config, len(prompts))
+        if leftovers:
+            raise FileExistsError(f"{len(leftovers)} image(s) not from this run, e.g. {leftovers[0]}: the FID/CLIP "
+                                  "script reads every image of a folder; pass an empty output folder")
     os.makedirs(config.sampling.output_dir, exist_ok=True)
     save_config(os.path.join(config.sampling.output_dir, EVAL_CONFIG_NAME), config)
     logger.info("eval config:\n%s", format_config(config))
     for notice in config.notices:
-        logger.info("%s", notice)
+        logger.warning("%s", notice)
+    return config, prompts
 
 
-def run_generate(model: ModelSourceArguments, sampling_args: SamplingArguments,
-                 prompt_args: PromptArguments) -> List[dict]:
-    config = resolve(model, sampling_args, prompts=prompt_args)
-    prompts = prompt_list(prompt_args)
-    _start(config)
-    pipe = load_pipeline(config.components, config.sampling.scheduler)
-    entries = generate_to_dir(pipe, prompts, config)
+def run(config: EvalConfig, prompts: Optional[List[str]] = None):
+    """Load the pipeline on the resolved device and generate (or measure adherence)."""
+    paddle.set_device(config.sampling.device)
+    pipe = load_pipeline(config.components, config.sampling.scheduler, config.unet_variant,
+                         config.text_encoder_variant)
     out = config.sampling.output_dir
+    if config.command == "adherence":
+        result = measure_adherence(pipe, config.sampling, config.adherence)
+        settings = result["settings"]
+        print(f"caption adherence: {config.components.unet}, {settings['num_combinations']} combinations x "
+              f"{settings['num_per_combination']} images, {settings['scheduler']} {settings['num_inference_steps']} "
+              f"steps, {settings['height']}x{settings['width']}")
+        print(format_table(result))
+        print(f"written: {os.path.join(out, ADHERENCE_NAME)}")
+        return result
+    entries = generate_to_dir(pipe, prompts, config)
     print(f"{len(entries)} images ({len(prompts)} prompts x {len(config.sampling.guidance_scales)} guidance scales "
-          f"x {prompt_args.num_images_per_prompt}) in {out}; index: {os.path.join(out, INDEX_NAME)}")
+          f"x {config.prompts.num_images_per_prompt}) in {out}; index: {os.path.join(out, INDEX_NAME)}")
     return entries
 
 
-def run_adherence(model: ModelSourceArguments, sampling_args: SamplingArguments,
-                  adherence: AdherenceArguments) -> dict:
-    config = resolve(model, sampling_args, adherence=adherence)
-    _start(config)
-    pipe = load_pipeline(config.components, config.sampling.scheduler)
-    result = measure_adherence(pipe, config.sampling, adherence)
-    settings = result["settings"]
-    print(f"caption adherence: {config.components.unet}, {settings['num_combinations']} combinations x "
-          f"{settings['num_per_combination']} images, {settings['scheduler']} {settings['num_inference_steps']} "
-          f"steps, {settings['height']}x{settings['width']}")
-    print(format_table(result))
-    print(f"written: {os.path.join(config.sampling.output_dir, ADHERENCE_NAME)}")
-    return result
-
-
 def main(argv: Optional[List[str]] = None):
+    """Parse, start, run; a start error raises (cli() turns it into one line)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    command, args = parse(argv)
-    return run_adherence(*args) if command == "adherence" else run_generate(*args)
+    return run(*start(*parse(argv)))
+
+
+def cli(prog: str, start_fn, argv: List[str]) -> None:
+    """An entry's __main__: start errors (bad flags, unreadable prompt files, missing folders) end the process
+    with one line naming the flag or file; errors while sampling keep their traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config, prompts = start_fn(argv)
+    except START_ERRORS as e:
+        raise SystemExit(f"{prog}: error: {e}") from None
+    run(config, prompts)
 
 
 if __name__ == "__main__":
-    main()
+    cli("eval.py", lambda argv: start(*parse(argv)), sys.argv[1:])

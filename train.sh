@@ -14,35 +14,14 @@
 # rank checks that output_dir is shared and watches the others (a dead rank ends the job within SD_RANK_TIMEOUT
 # seconds, default 30). Worker logs: log/workerlog.N (or --log_dir).
 #
-# Environment aliases (the reference's train.sh), each turned into its train.py flag *before* your flags, so an
-# explicit flag on the command line wins:
-#   FLAG_USE_EMA=1 -> --use_ema True          FLAG_RECOMPUTE=1 -> --recompute True
-#   FLAG_XFORMERS=1 -> --enable_xformers_memory_efficient_attention True
-#   FLAG_BENCHMARK=1 -> --benchmark True      FLAG_FUSED_LINEAR=1 -> --use_fused_linear True
-# (value 0 gives False.) FLAGS_* variables of Paddle itself (e.g. FLAGS_conv_workspace_size_limit) pass through.
-# DRY_RUN=1 prints the command instead of running it.
+# The reference's environment switches (FLAG_USE_EMA, FLAG_RECOMPUTE, FLAG_XFORMERS, FLAG_FUSED_LINEAR,
+# FLAG_BENCHMARK, FLAG_TO_STATIC) pass through to train.py, which reads them (sd/args.py parse_train) whatever
+# launched it; an explicit flag on the command line wins. FLAGS_* variables of Paddle itself (e.g.
+# FLAGS_conv_workspace_size_limit) pass through too. DRY_RUN=1 prints the command instead of running it.
 set -eu
 cd "$(dirname "$0")"
 PY=${PY:-python}
 [ -x .venv/bin/python ] && [ "${PY}" = python ] && PY=.venv/bin/python
-
-for name in FLAG_USE_EMA FLAG_RECOMPUTE FLAG_XFORMERS FLAG_BENCHMARK FLAG_FUSED_LINEAR; do
-  eval "v=\${$name:-}"
-  case "$v" in
-    ""|0|1|true|True|false|False) ;;
-    *) echo "train.sh: $name must be 0 or 1, got '$v'" >&2; exit 2 ;;
-  esac
-done
-alias_flag() {  # $1 env var name, $2 train.py flag
-  eval "v=\${$1:-}"
-  case "$v" in
-    1|true|True) printf '%s True ' "$2" ;;
-    0|false|False) printf '%s False ' "$2" ;;
-  esac
-}
-ENV_FLAGS="$(alias_flag FLAG_USE_EMA --use_ema)$(alias_flag FLAG_RECOMPUTE --recompute)\
-$(alias_flag FLAG_XFORMERS --enable_xformers_memory_efficient_attention)$(alias_flag FLAG_BENCHMARK --benchmark)\
-$(alias_flag FLAG_FUSED_LINEAR --use_fused_linear)"
 
 # Split launch flags from train flags.
 LAUNCH=""
@@ -70,10 +49,9 @@ run() {
 }
 if [ -n "$LAUNCH" ]; then
   # shellcheck disable=SC2086
-  [ "${DRY_RUN:-0}" = 1 ] || "$PY" scripts/preflight.py $LAUNCH -- $ENV_FLAGS "$@"
+  [ "${DRY_RUN:-0}" = 1 ] || "$PY" scripts/preflight.py $LAUNCH -- "$@"
   # shellcheck disable=SC2086
-  run "$PY" -u -m paddle.distributed.launch $LAUNCH train.py $ENV_FLAGS "$@"
+  run "$PY" -u -m paddle.distributed.launch $LAUNCH train.py "$@"
 else
-  # shellcheck disable=SC2086
-  run "$PY" -u train.py $ENV_FLAGS "$@"
+  run "$PY" -u train.py "$@"
 fi

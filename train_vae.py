@@ -94,7 +94,7 @@ def main(argv=None):
     checkpoint = resolve_checkpoint(run.training)
     set_seed(run.training.seed)
 
-    model = VAEModel(run.vae, run.vae.build())
+    model = VAEModel(run.vae, run.vae.build(trust_pickled=run.training.trust_pickled_checkpoint))
     dataset = build_dataset(run.data, run.training, None)
     logger.info("data: %s", dataset.describe())
     trainer = StreamingTrainer(model=model, args=run.training, train_dataset=dataset, run_config=run)

@@ -171,7 +171,7 @@ def main(argv: List[str] = None) -> int:
         print(f"data written in {time.perf_counter() - t0:.1f}s")
         ref = reference_batches(part, args.resolution, args.batch_size, args.interpolation)
         data = DataArguments(fl, resolution=args.resolution, interpolation=args.interpolation,
-                             shuffle_buffer_size=8, caption_dropout_prob=0.1)
+                             buffer_size=8, caption_dropout_prob=0.1)
         ours = iter(TextImageDataset(data, None, batch_size=args.batch_size, seed=42))  # the draws README measured
         shape = (args.batch_size, 3, args.resolution, args.resolution)
         assert next(ref).shape == next(ours)["pixel_values"].shape == shape  # warm-up: imports, first decode

@@ -21,6 +21,13 @@ from data_tools.create_outputs import CreateDataError
 
 # PIL's own default bound (Image.MAX_IMAGE_PIXELS): ~ a 9459 x 9459 image, 268 MB as RGB.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# A jsonl record is a caption and a path: 16 MiB is far above any real one and bounds what one line can cost.
+DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
+# Above any photo a trainer wants (a 100 MP JPEG is ~30 MB); refused by size before a byte is read.
+DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class _PartBytesMarker:
@@ -44,7 +51,7 @@ class CreateDataArguments:
     input_path: List[str] = field(default_factory=list, metadata={
         "help": "jsonl file(s) and/or glob(s); globs expand sorted (required unless --merge_shards)"})
     output_name: str = field(default="custom_dataset", metadata={
-        "help": "name of the filelist, manifest and rejects files"})
+        "help": "name of the dataset: its parts folder (laion400m_format_data/NAME/), filelist, manifest, rejects"})
     caption_key: PartBytes[str] = field(default="caption", metadata={"help": "jsonl key of the caption"})
     image_key: PartBytes[str] = field(default="image", metadata={"help": "jsonl key of the image path"})
     per_part_file_num: PartBytes[int] = field(default=1000, metadata={"help": "input records per part file"})
@@ -62,6 +69,10 @@ class CreateDataArguments:
         "help": "keep records whose caption is blank"})
     max_image_pixels: PartBytes[int] = field(default=DEFAULT_MAX_IMAGE_PIXELS, metadata={
         "help": "reject larger images (w*h)"})
+    max_image_bytes: PartBytes[int] = field(default=DEFAULT_MAX_IMAGE_BYTES, metadata={
+        "help": "reject larger image files, by their size, before reading them"})
+    max_line_bytes: PartBytes[int] = field(default=DEFAULT_MAX_LINE_BYTES, metadata={
+        "help": "reject longer jsonl lines, skipped without holding them in memory"})
     min_image_size: PartBytes[int] = field(default=0, metadata={
         "help": "reject images whose shorter side is smaller"})
     max_side: PartBytes[Optional[int]] = field(default=None, metadata={
@@ -84,14 +95,20 @@ class CreateDataArguments:
             (bool(self.input_path) or self.merge_shards,
              "--input_path is required (unless --merge_shards)"),
             (bool(self.output_path), "--output_path must name a folder, got ''"),
-            (bool(self.output_name) and "/" not in self.output_name,
+            (bool(self.output_name) and "/" not in self.output_name and self.output_name not in (".", "..")
+             and not _CONTROL.search(self.output_name),
              f"--output_name must be a plain file name, got {self.output_name!r}"),
+            # the filelists hold one path a line: a line break in a path would split it in two
+            (not _CONTROL.search(self.output_path),
+             f"--output_path must not contain control characters (line breaks), got {self.output_path!r}"),
             (self.per_part_file_num >= 1, f"--per_part_file_num must be >= 1, got {self.per_part_file_num}"),
             (self.num_repeat >= 1, f"--num_repeat must be >= 1, got {self.num_repeat}"),
             (self.num_workers is None or self.num_workers >= 0,
              f"--num_workers must be >= 0, got {self.num_workers}"),
             (0 <= self.gzip_level <= 9, f"--gzip_level must be in 0..9, got {self.gzip_level}"),
             (self.max_image_pixels >= 1, f"--max_image_pixels must be >= 1, got {self.max_image_pixels}"),
+            (self.max_image_bytes >= 1, f"--max_image_bytes must be >= 1, got {self.max_image_bytes}"),
+            (self.max_line_bytes >= 1, f"--max_line_bytes must be >= 1, got {self.max_line_bytes}"),
             (self.min_image_size >= 0, f"--min_image_size must be >= 0, got {self.min_image_size}"),
             (self.max_side is None or self.max_side >= 1, f"--max_side must be >= 1, got {self.max_side}"),
             (1 <= self.jpeg_quality <= 100, f"--jpeg_quality must be in 1..100, got {self.jpeg_quality}"),
@@ -102,6 +119,7 @@ class CreateDataArguments:
             (not self.merge_shards or self.num_shards >= 2,
              f"--merge_shards needs --num_shards >= 2, got {self.num_shards}"),
             (0.0 <= self.max_reject_ratio <= 1.0, f"--max_reject_ratio must be in 0..1, got {self.max_reject_ratio}"),
+            (self.progress_interval >= 0, f"--progress_interval must be >= 0, got {self.progress_interval}"),
             (self.image_root is None or os.path.isdir(self.image_root),
              f"--image_root must be a folder, got {self.image_root}"),
         ]
@@ -129,6 +147,8 @@ def resolve(args: CreateDataArguments) -> CreateDataRun:
     """The run of `args` on this machine. Raises CreateDataError (exit 1) when an input file is unusable."""
     # --merge_shards reads only the shards' manifests: its inputs may live on other machines.
     inputs = () if args.merge_shards else tuple(expand_inputs(args.input_path))
+    if os.path.exists(args.output_path) and not os.path.isdir(args.output_path):
+        raise CreateDataError(f"--output_path {os.path.abspath(args.output_path)} exists and is not a folder")
     root = os.path.abspath(args.image_root) if args.image_root else None
     parsed = {f.name: getattr(args, f.name) for f in fields(CreateDataArguments)}
     parsed.update(output_path=os.path.abspath(args.output_path), image_root=root,

@@ -2,13 +2,15 @@
 
 Configuration: data_tools/create_config.py (the flags, validated once, and the resolved run that run() takes).
 
-Pipeline: the main process streams the jsonl lines (memory flat whatever the input size) into batches of at
-most BATCH records, a bounded number of batches is in flight in a process pool (`--num_workers`), and the
+Pipeline: the main process streams the jsonl lines (memory flat whatever the input size: a line longer than
+--max_line_bytes is skipped in chunks, never held, and becomes a line_too_long reject) into batches of at most
+BATCH records, a bounded number of batches is in flight in a process pool (`--num_workers`), and the
 results are consumed in submission order, so the output bytes do not depend on the worker count. Workers
 parse, validate, fully decode and encode (data_tools/image_check.py); the main process writes the parts.
 
 Blocks: input record i (0-based over all input files, blank lines not counted) belongs to block
-i // per_part_file_num, and block b is written to part b+1 (part_format.part_name). A part therefore holds the
+i // per_part_file_num, and block b is written to part b+1 (part_format.part_name) in the dataset's own folder
+OUT/laion400m_format_data/NAME/. A part therefore holds the
 accepted records of exactly one block of the input: fewer than per_part_file_num when some were rejected, and no
 part at all when all were. This ties every part to a fixed input range, which is what makes resume and shards
 simple: a finished block never needs redoing, and the part a block produces is the same in every kind of run.
@@ -21,13 +23,20 @@ byte-identical to those of an unsharded run. When all shards are done, `--merge_
 --output_name, --num_shards) writes NAME.filelist, NAME.rejects.jsonl and NAME.manifest.json exactly as an
 unsharded run would have. Shards must therefore write into one shared output folder (or be copied into one).
 
-Files of a run (RUN = NAME, or NAME.shard-K-of-N): OUT/laion400m_format_data/part-XXXXXX[.gz], OUT/RUN.journal.jsonl
-(progress, see create_outputs.py), and, written last, OUT/RUN.rejects.jsonl, OUT/filelist/RUN.filelist[.list],
-OUT/RUN.manifest.json. Exit codes: 0 done (rejects are not failures), 1 fatal error, 2 bad arguments,
+Files of a run (RUN = NAME, or NAME.shard-K-of-N): OUT/laion400m_format_data/NAME/part-XXXXXX[.gz],
+OUT/RUN.journal.jsonl (progress and the files the run wrote, see create_outputs.py), OUT/RUN.lock (held while it
+runs), and, written last, OUT/RUN.rejects.jsonl, OUT/filelist/RUN.filelist[.list], OUT/RUN.manifest.json.
+
+Record-level failures stay record-level: whatever goes wrong reading, parsing or decoding one record (a line nested
+10,000 deep, a 5,000-digit number, an image that makes a decoder raise anything) is a reject with its reason and
+detail. Only the run's own inputs as files (unreadable) and outputs (unwritable, full disk: the error names the
+file) are fatal. Exit codes: 0 done (rejects are not failures), 1 fatal error, 2 bad arguments,
 3 --max_reject_ratio exceeded (rejects file written, filelist and manifest not).
 """
 from __future__ import annotations
 
+import heapq
+import json
 import multiprocessing
 import os
 import sys
@@ -35,15 +44,15 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Deque, Dict, Iterator, List, Optional, Tuple
+from typing import IO, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
 from data_tools.create_config import CreateDataRun
 from data_tools.create_outputs import (DATA_FORMAT, JOURNAL_VERSION, BlockEntry, CreateDataError, Journal,
-                                       RunPaths, prepare_output, run_name, write_dataset_files,
-                                       write_rejects_from_journal)
-from data_tools.fileio import sha256_file
-from data_tools.image_check import Outcome, apply_pixel_limit, init_worker, process_batch, worker_batch
-from data_tools.part_format import FORMAT_VERSION, PartWriter, open_part_writer, part_name
+                                       RunPaths, dataset_lock, prepare_output, run_name, write_dataset_files,
+                                       write_rejects_from_journal, writing)
+from data_tools.fileio import atomic_writer, sha256_file
+from data_tools.image_check import Line, Outcome, apply_pixel_limit, init_worker, process_batch, worker_batch
+from data_tools.part_format import FORMAT_VERSION, PartWriter, open_part_writer, part_name, read_manifest
 from sd.config import to_jsonable
 
 BATCH = 8  # records per pool task: amortises IPC; with 200 KB JPEGs a batch is ~2 MB of base64 in flight
@@ -54,13 +63,40 @@ class RejectRatioExceeded(CreateDataError):
     pass
 
 
-def iter_input(sources: Tuple[str, ...]) -> Iterator[Tuple[int, int, bytes]]:
-    """(source index, 1-based line number, raw line) of every non-blank line; blank lines are not records."""
+_CHUNK = 1 << 20  # how an over-long line is skipped: memory stays at max_line_bytes + this
+
+
+def iter_input(sources: Tuple[str, ...], max_line_bytes: int) -> Iterator[Tuple[int, int, Line]]:
+    """(source index, 1-based line number, line) of every non-blank line; blank lines are not records. A line of
+    more than `max_line_bytes` (its newline included) is given as its length (an int), read in chunks and
+    dropped, so one huge line costs no more memory than a legal one."""
     for si, path in enumerate(sources):
         with open(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                if raw.strip():
-                    yield si, n, raw
+            n = 0
+            while True:
+                raw = _readline(f, path, max_line_bytes + 1)
+                if not raw:
+                    break
+                n += 1
+                if len(raw) <= max_line_bytes:  # the whole line (the last one may lack its newline)
+                    if raw.strip():
+                        yield si, n, raw
+                    continue
+                size, blank = len(raw), not raw.strip()
+                while not raw.endswith(b"\n"):
+                    raw = _readline(f, path, _CHUNK)
+                    if not raw:
+                        break
+                    size, blank = size + len(raw), blank and not raw.strip()
+                if not blank:
+                    yield si, n, size
+
+
+def _readline(f: IO[bytes], path: str, limit: int) -> bytes:
+    try:
+        return f.readline(limit)
+    except OSError as e:  # the input file itself, not one record: fatal, naming the file
+        raise CreateDataError(f"cannot read input file {path}: {e.strerror or e}") from None
 
 
 class BlockSink:
@@ -83,25 +119,32 @@ class BlockSink:
         self.processed += 1
         if isinstance(outcome, bytes):
             if self._part is None:  # opened lazily: a block whose records were all rejected leaves no file
-                self._part = open_part_writer(self._tmp(), self.cfg.save_gzip_file, self.cfg.gzip_level)
-            self._part.write(outcome)
+                self.journal.intend(self._name())  # before the file exists: every file of ours is in the journal
+                with writing(self._tmp()):
+                    self._part = open_part_writer(self._tmp(), self.cfg.save_gzip_file, self.cfg.gzip_level)
+            with writing(self._tmp()):
+                self._part.write(outcome)
             self._records += 1
         else:
             self._rejects.append({"index": index, "source": self.sources[source], "line": line,
                                   "reason": outcome[0], "detail": outcome[1]})
 
+    def _name(self) -> str:
+        return part_name(self.block + 1, self.cfg.save_gzip_file)
+
     def _tmp(self) -> str:
-        return os.path.join(self.paths.data_dir, part_name(self.block + 1, self.cfg.save_gzip_file) + ".tmp")
+        return os.path.join(self.paths.part_dir, self._name() + ".tmp")
 
     def finish_block(self) -> None:
         if self.block is None:
             return
         name, size, digest = None, 0, None
         if self._part is not None:
-            self._part.close()
-            name = part_name(self.block + 1, self.cfg.save_gzip_file)
-            final = os.path.join(self.paths.data_dir, name)
-            os.replace(self._tmp(), final)
+            name = self._name()
+            final = os.path.join(self.paths.part_dir, name)
+            with writing(final):
+                self._part.close()
+                os.replace(self._tmp(), final)
             size, digest = os.path.getsize(final), sha256_file(final)
         counts = Counter(r["reason"] for r in self._rejects)
         entry = BlockEntry(self.block, self.block * self.cfg.per_part_file_num, self._count, self._records, name,
@@ -131,12 +174,18 @@ def run(cfg: CreateDataRun, log: Callable[[str], None] = lambda m: print(m, file
     fatal problems."""
     t0 = time.monotonic()
     sources = cfg.input_files
-    if next(iter_input(sources), None) is None:
+    if next(iter_input(sources, cfg.max_line_bytes), None) is None:
         raise CreateDataError(f"the input files hold no records: {', '.join(sources)}")
+    paths = RunPaths(cfg.output_path, cfg.output_name, run_name(cfg.output_name, cfg.num_shards, cfg.shard_id))
+    with dataset_lock(paths):  # held until the manifest is written: a second writer stops at start
+        return _run_locked(cfg, paths, t0, log)
+
+
+def _run_locked(cfg: CreateDataRun, paths: RunPaths, t0: float, log: Callable[[str], None]) -> RunResult:
+    sources = cfg.input_files
     settings = cfg.part_settings()  # a resumed run must match these exactly
     inputs = [{"path": s, "size": os.path.getsize(s), "mtime_ns": os.stat(s).st_mtime_ns} for s in sources]
     header = {"journal_version": JOURNAL_VERSION, "settings": settings, "inputs": inputs}
-    paths = RunPaths(cfg.output_path, run_name(cfg.output_name, cfg.num_shards, cfg.shard_id))
 
     def owns(block: int) -> bool:
         return block % cfg.num_shards == cfg.shard_id
@@ -168,7 +217,7 @@ def run(cfg: CreateDataRun, log: Callable[[str], None] = lambda m: print(m, file
             f"{rejected} of {owned_records} records rejected ({rejected / owned_records:.1%}) > --max_reject_ratio "
             f"{cfg.max_reject_ratio}; see {paths.rejects}. No filelist written; fix the input, or accept with "
             f"--resume --max_reject_ratio {min(1.0, round(rejected / owned_records + 0.005, 2))}")
-    parts = [{"path": os.path.join(paths.data_dir, e.part), "records": e.records, "bytes": e.bytes,
+    parts = [{"path": os.path.join(paths.part_dir, e.part), "records": e.records, "bytes": e.bytes,
               "sha256": e.sha256, "block": e.block} for e in entries if e.part]
     manifest = {
         "format_version": FORMAT_VERSION, "data_format": DATA_FORMAT, "created_by": CREATED_BY,
@@ -204,16 +253,16 @@ def _pump(cfg: CreateDataRun, owns: Callable[[int], bool], done: Dict[int, Block
             sink.add(block, index, si, n, outcome)
         progress.update(total, sink)
 
-    def submit(block: int, batch: List[Tuple[int, int, int, bytes]]) -> None:
+    def submit(block: int, batch: List[Tuple[int, int, int, Line]]) -> None:
         tasks = [(si, n == 1, raw) for _, si, n, raw in batch]
         fut = executor.submit(worker_batch, tasks) if executor else _done(process_batch(cfg, tasks))
         pending.append((block, [(i, si, n) for i, si, n, _ in batch], fut))
 
     total = 0
-    batch: List[Tuple[int, int, int, bytes]] = []
+    batch: List[Tuple[int, int, int, Line]] = []
     batch_block = -1
     try:
-        for si, n, raw in iter_input(cfg.input_files):
+        for si, n, raw in iter_input(cfg.input_files, cfg.max_line_bytes):
             index, total = total, total + 1
             block = index // P
             if not owns(block) or block in done:
@@ -270,3 +319,65 @@ def summary(result: RunResult) -> str:
               f"  manifest      : {result.paths.manifest}",
               f"  rejects       : {result.paths.rejects}"]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- shards
+def merge_shards(out: str, name: str, num_shards: int, num_repeat: int, extra: dict) -> dict:
+    """Combine the N finished shard runs in `out` into NAME's filelist, rejects and manifest: the parts in block
+    order, so the result lists the very files an unsharded run would have written. Returns the manifest."""
+    with dataset_lock(RunPaths(out, name, name)):
+        return _merge_shards(out, name, num_shards, num_repeat, extra)
+
+
+def _merge_shards(out: str, name: str, num_shards: int, num_repeat: int, extra: dict) -> dict:
+    shard_paths = [RunPaths(out, name, run_name(name, num_shards, k)) for k in range(num_shards)]
+    missing = [p.manifest for p in shard_paths if not os.path.isfile(p.manifest)]
+    if missing:
+        raise CreateDataError(f"--merge_shards: {len(missing)} of {num_shards} shards are not finished "
+                              f"(no manifest), e.g. {missing[0]}")
+    shards = [read_manifest(p.manifest) for p in shard_paths]
+    first = shards[0]
+    for p, m in zip(shard_paths, shards):
+        if m.get("num_shards") != num_shards:
+            raise CreateDataError(f"{p.manifest}: written for num_shards={m.get('num_shards')}, not {num_shards}")
+        same = {k: v for k, v in m["settings"].items() if k != "shard_id"}
+        if same != {k: v for k, v in first["settings"].items() if k != "shard_id"}:
+            raise CreateDataError(f"{p.manifest}: settings differ from {shard_paths[0].manifest}")
+        # Compared by name and size, not path: shards may run on machines that mount the inputs elsewhere.
+        if _input_ids(m) != _input_ids(first) or m["input_records"] != first["input_records"]:
+            raise CreateDataError(f"{p.manifest}: inputs differ from {shard_paths[0].manifest}")
+    per_part = first["settings"]["per_part_file_num"]
+    num_blocks = -(-first["input_records"] // per_part)
+    blocks = sorted(b for m in shards for b in m["blocks"])
+    if blocks != list(range(num_blocks)):
+        raise CreateDataError(f"--merge_shards: shards cover blocks {blocks[:5]}..., expected 0..{num_blocks - 1}")
+    parts = sorted((p for m in shards for p in m["parts"]), key=lambda p: p["block"])
+    for p in parts:
+        if not os.path.isfile(p["path"]) or os.path.getsize(p["path"]) != p["bytes"]:
+            raise CreateDataError(f"--merge_shards: part {p['path']} is missing or not {p['bytes']} bytes")
+    paths = RunPaths(out, name, name)
+    files = [open(p.rejects, "rb") for p in shard_paths]
+    try:
+        with writing(paths.rejects), atomic_writer(paths.rejects, "wb") as dst:
+            for line in heapq.merge(*files, key=lambda raw: json.loads(raw)["index"]):
+                dst.write(line)
+    finally:
+        for f in files:
+            f.close()
+    by_reason: Counter = Counter()
+    for m in shards:
+        by_reason.update(m["rejects_by_reason"])
+    manifest = dict(first, **extra)
+    manifest.update(
+        settings={k: v for k, v in first["settings"].items() if k != "shard_id"}, shard_id=None,
+        records_written=sum(m["records_written"] for m in shards),
+        records_rejected=sum(m["records_rejected"] for m in shards),
+        rejects_by_reason=dict(sorted(by_reason.items())), parts=parts, blocks=list(range(num_blocks)),
+        num_repeat=num_repeat, resumed_parts=0, shards=[p.manifest for p in shard_paths],
+        filelist=os.path.abspath(paths.filelist), rejects_file=os.path.abspath(paths.rejects))
+    write_dataset_files(paths, [p["path"] for p in parts], num_repeat, manifest)
+    return manifest
+
+
+def _input_ids(manifest: dict) -> List[Tuple[str, int]]:
+    return [(os.path.basename(i["path"]), i["size"]) for i in manifest["inputs"]]

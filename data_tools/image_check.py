@@ -3,21 +3,30 @@ encode the laion400m line. Runs in the worker processes; nothing here touches th
 needs to know is the run's resolved config (data_tools/create_config.CreateDataRun), sent once per worker.
 
 Every way a record can fail has its own reason key (REASONS) so the rejects file and the summary can say how
-many records were lost to what. Failures are raised as part_format.RecordError(reason, detail).
+many records were lost to what. Failures are raised as part_format.RecordError(reason, detail); any other
+exception while reading, parsing or decoding one record (a bug in a decoder, a MemoryError) is still that record's
+fault, and becomes a `record_exception` reject with the exception's repr: one record never ends a run.
+
+Bounded memory: a line longer than --max_line_bytes never reaches a worker (create_data.iter_input hands over its
+length); an image file is opened without following a FIFO's wait (O_NONBLOCK), must be a regular file, and is
+refused by its size before any byte is read when over --max_image_bytes. Pixels are judged as the loader sees
+them: data_tools/pixels.upright_rgb8 (EXIF orientation applied, 16-bit and float scaled to 8 bits).
 """
 from __future__ import annotations
 
 import io
 import json
 import os
+import stat
 import struct
 import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from data_tools.create_config import DEFAULT_MAX_IMAGE_PIXELS, CreateDataRun
 from data_tools.part_format import RecordError, encode_record, sanitize_caption
+from data_tools.pixels import upright_rgb8
 from trainer.launch.reaper import die_with_parent
 
 # Reject reasons, each distinct so a count points at one cause.
@@ -36,17 +45,21 @@ NOT_AN_IMAGE = "not_an_image"
 TRUNCATED = "truncated_image"
 TOO_MANY_PIXELS = "too_many_pixels"
 TOO_SMALL = "too_small"
+LINE_TOO_LONG = "line_too_long"
+CAPTION_BAD_UNICODE = "caption_bad_unicode"
+NOT_A_FILE = "image_not_a_file"
+IMAGE_TOO_LARGE = "image_too_large"
+RECORD_EXCEPTION = "record_exception"
 REASONS = (MALFORMED_JSON, NOT_OBJECT, MISSING_CAPTION, CAPTION_NOT_STRING, BLANK_CAPTION, MISSING_IMAGE_KEY,
            IMAGE_NOT_STRING, IMAGE_MISSING, IMAGE_UNREADABLE, OUTSIDE_ROOT, EMPTY_FILE, NOT_AN_IMAGE, TRUNCATED,
-           TOO_MANY_PIXELS, TOO_SMALL)
+           TOO_MANY_PIXELS, TOO_SMALL, LINE_TOO_LONG, CAPTION_BAD_UNICODE, NOT_A_FILE, IMAGE_TOO_LARGE,
+           RECORD_EXCEPTION)
+MAX_DETAIL = 500  # characters of a reject's detail: a 15 MB path must not make a 15 MB rejects line
 
-# Exceptions Pillow's decoders raise on corrupt input (the set its fuzz tests accept); anything else is a bug
-# and must surface, not become a reject.
+# Exceptions Pillow's decoders raise on corrupt input (the set its fuzz tests accept): each names its reason;
+# anything else becomes a record_exception reject (process_batch).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, struct.error)
 _PNG_END = b"IEND\xaeB`\x82"
-
-
-# The name the pool plumbing below knows the worker's config by: the resolved run itself.
 
 
 def resolve_image_path(value: str, root: str, allow_outside_root: bool) -> str:
@@ -60,10 +73,34 @@ def resolve_image_path(value: str, root: str, allow_outside_root: bool) -> str:
     real_root = os.path.realpath(root)
     if not allow_outside_root and os.path.commonpath([real, real_root]) != real_root:
         raise RecordError(OUTSIDE_ROOT, f"{value!r} resolves to {real}, outside the image root {real_root}")
-    if not os.path.isfile(real):
-        what = "is not a regular file" if os.path.exists(real) else "does not exist"
+    if os.path.exists(real) and not os.path.isfile(real):  # a folder, a FIFO, a device such as /dev/zero
+        raise RecordError(NOT_A_FILE, f"{real} is not a regular file")
+    if not os.path.exists(real):
+        what = "is a broken or looping symlink" if os.path.lexists(real) else "does not exist"
         raise RecordError(IMAGE_MISSING, f"{real} {what}")
     return real
+
+
+def read_image_file(path: str, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`. Checked on the open file itself, so a path swapped for
+    a FIFO or a huge file after resolve_image_path still cannot block the worker or fill its memory."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise RecordError(IMAGE_UNREADABLE, f"{path}: {e.strerror or e}") from None
+    with open(fd, "rb", closefd=True) as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RecordError(NOT_A_FILE, f"{path} is not a regular file")
+        if st.st_size > max_bytes:
+            raise RecordError(IMAGE_TOO_LARGE, f"{path}: {st.st_size} bytes > --max_image_bytes {max_bytes}")
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise RecordError(IMAGE_UNREADABLE, f"{path}: {e}") from None
+    if len(data) > max_bytes:  # grew since fstat
+        raise RecordError(IMAGE_TOO_LARGE, f"{path}: more than --max_image_bytes {max_bytes} bytes")
+    return data
 
 
 def _truncated_or_corrupt(img_format: Optional[str], data: bytes, err: BaseException) -> RecordError:
@@ -100,7 +137,7 @@ def check_image(data: bytes, cfg: CreateDataRun) -> bytes:
         fmt = im.format
         try:
             im.load()
-            rgb = im if im.mode == "RGB" else im.convert("RGB")  # the trainer converts every image to RGB
+            rgb = upright_rgb8(im)  # exactly the loader's conversion: what fails here would fail in training
             if fmt == "PNG":  # load() stops at the pixel data; verify() checks the chunks after it and CRCs
                 with Image.open(io.BytesIO(data)) as again:
                     again.verify()
@@ -108,8 +145,7 @@ def check_image(data: bytes, cfg: CreateDataRun) -> bytes:
             raise _truncated_or_corrupt(fmt, data, e) from None
         if cfg.max_side is None or max(w, h) <= cfg.max_side:
             return data  # original bytes: no generation loss
-        # Re-encoding drops EXIF, so apply its orientation first or the image would turn sideways.
-        rgb = ImageOps.exif_transpose(im).convert("RGB")
+        # Re-encoding drops EXIF: `rgb` is already upright, so the stored pixels are what the loader would show.
         scale = cfg.max_side / max(rgb.size)
         size = (max(1, round(rgb.size[0] * scale)), max(1, round(rgb.size[1] * scale)))
         out = io.BytesIO()
@@ -127,6 +163,8 @@ def process_line(raw: bytes, source_index: int, cfg: CreateDataRun, first_line: 
         raise RecordError(MALFORMED_JSON, f"not UTF-8: {e}") from None
     except json.JSONDecodeError as e:
         raise RecordError(MALFORMED_JSON, str(e)) from None
+    except (ValueError, RecursionError) as e:  # a number of 5,000 digits; nesting deeper than the stack
+        raise RecordError(MALFORMED_JSON, repr(e)) from None
     if not isinstance(obj, dict):
         raise RecordError(NOT_OBJECT, f"got a JSON {type(obj).__name__}")
     if cfg.caption_key not in obj:
@@ -135,6 +173,11 @@ def process_line(raw: bytes, source_index: int, cfg: CreateDataRun, first_line: 
     if not isinstance(caption, str):
         raise RecordError(CAPTION_NOT_STRING, f"{cfg.caption_key!r} is a {type(caption).__name__}")
     caption = sanitize_caption(caption)
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate, from a JSON escape such as "\ud800"
+        raise RecordError(CAPTION_BAD_UNICODE, f"{e.reason} at character {e.start}: {caption[e.start:e.end]!r}"
+                          ) from None
     if not caption and not cfg.allow_empty_caption:
         raise RecordError(BLANK_CAPTION, f"{cfg.caption_key!r} is blank (pass --allow_empty_caption to keep it)")
     if cfg.image_key not in obj:
@@ -143,11 +186,7 @@ def process_line(raw: bytes, source_index: int, cfg: CreateDataRun, first_line: 
     if not isinstance(image, str):
         raise RecordError(IMAGE_NOT_STRING, f"{cfg.image_key!r} is a {type(image).__name__}")
     path = resolve_image_path(image, cfg.image_roots[source_index], cfg.allow_outside_root)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise RecordError(IMAGE_UNREADABLE, f"{path}: {e}") from None
+    data = read_image_file(path, cfg.max_image_bytes)
     try:
         stored = check_image(data, cfg)
     except RecordError as e:
@@ -157,16 +196,26 @@ def process_line(raw: bytes, source_index: int, cfg: CreateDataRun, first_line: 
 
 # One outcome per record: the encoded line, or (reason, detail).
 Outcome = Union[bytes, Tuple[str, str]]
-Task = Sequence[Tuple[int, bool, bytes]]  # (source index, is first line of its file, raw line)
+Line = Union[bytes, int]  # a raw jsonl line, or the length of one over --max_line_bytes (never read whole)
+Task = Sequence[Tuple[int, bool, Line]]  # (source index, is first line of its file, line)
+
+
+def _short(detail: str) -> str:
+    return detail if len(detail) <= MAX_DETAIL else detail[:MAX_DETAIL] + f"... ({len(detail)} characters)"
 
 
 def process_batch(cfg: CreateDataRun, batch: Task) -> List[Outcome]:
     out: List[Outcome] = []
     for source_index, first_line, raw in batch:
+        if isinstance(raw, int):
+            out.append((LINE_TOO_LONG, f"{raw} bytes > --max_line_bytes {cfg.max_line_bytes}"))
+            continue
         try:
             out.append(process_line(raw, source_index, cfg, first_line))
         except RecordError as e:  # a per-record verdict, returned to be counted and written to the rejects
-            out.append((e.reason, e.detail))
+            out.append((e.reason, _short(e.detail)))
+        except Exception as e:  # noqa: BLE001 - whatever one record raises is that record's reject (docstring)
+            out.append((RECORD_EXCEPTION, _short(repr(e))))
     return out
 
 

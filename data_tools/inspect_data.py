@@ -10,6 +10,9 @@ order), D/samples.jsonl (one line per sample, same order: caption as trained, ra
 part path, 1-based line, epoch, and input_ids when a tokenizer is given) and D/inspect_config.json (the
 resolved config), then prints the skip counters as JSON. Batch size 1 and a single in-process worker (logical
 worker 0 of rank 0), so the samples are the first ones rank 0's first worker would train on with the same flags.
+The first line printed describes the sources, including where each filelist and its parts were found (the list's
+own folder, the working folder, or absolute paths). A stream that cannot yield (too many bad records in a row)
+ends with its one-line reason on stderr and exit status 1, as training would.
 """
 from __future__ import annotations
 
@@ -70,7 +73,7 @@ def resolve(data: DataArguments, inspect: InspectArguments) -> InspectRun:
 def main(argv: Optional[List[str]] = None) -> int:
     run = resolve(*parse_args((DataArguments, InspectArguments), argv))
     # Imported here: paddle is slow to import and a bad flag should not wait for it.
-    from trainer.loader.text_image_dataset import TextImageDataset
+    from trainer.loader.text_image_dataset import LoaderError, TextImageDataset
 
     tokenizer = None
     if run.tokenizer is not None:
@@ -80,8 +83,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ds = TextImageDataset(run.data, tokenizer, batch_size=1, rank=0, world_size=1, num_workers=0,
                           seed=run.inspect.seed, model_max_length=run.inspect.model_max_length)
     print(ds.describe())
-    stream = ds.open_stream(0)
-    samples = [stream.next_sample() for _ in range(run.inspect.num_samples)]
+    try:
+        stream = ds.open_stream(0)
+        samples = [stream.next_sample() for _ in range(run.inspect.num_samples)]
+    except LoaderError as e:
+        print(str(e), file=sys.stderr)
+        return 1
 
     os.makedirs(run.output_dir, exist_ok=True)
     save_config(os.path.join(run.output_dir, CONFIG_NAME), run)

@@ -3,21 +3,25 @@
 Layout written by create_pretraining_data.py (the reference's layout, plus a manifest):
 
     OUT/laion400m_format_data/part-000001[.gz]   one record a line: caption<TAB>NONE<TAB><base64 image>
-    OUT/filelist/NAME.filelist                   one part path a line (absolute)
+    OUT/filelist/NAME.filelist                   one part path a line
     OUT/filelist/NAME.filelist.list              one filelist path a line, optional weight after a space
     OUT/NAME.manifest.json                       format, counts, parts with sha256
 
-The writer (data_tools/create_data.py) and the streaming loader (trainer/) both import this module, so a
-change of format is made here once. Gzip is recognised by its magic bytes, never by a file name.
+A relative path in either list is looked for in the list's own folder, then in the working folder (the
+reference's convention): see resolve_listed. The writer (data_tools/create_data.py) and the streaming loader
+(trainer/loader/) both import this module, so a change of format is made here once. Gzip is recognised by
+its magic bytes, never by a file name.
 """
 from __future__ import annotations
 
 import binascii
 import gzip
 import json
+import math
 import os
 import re
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from typing import IO, Iterator, List, Optional, Tuple
 
@@ -102,8 +106,10 @@ def parse_record(raw: bytes, data_format: str) -> Tuple[str, bytes]:
             raise RecordError("bad_fields", f"expected at least 6 tab-separated fields, got {len(fields)}")
         try:
             meta = json.loads(decode_text(fields[2]))
-        except json.JSONDecodeError as e:
-            raise RecordError("bad_json", str(e)) from None
+        except RecordError:
+            raise
+        except Exception as e:  # noqa: BLE001 - bad JSON, nesting deeper than the recursion limit, huge ints
+            raise RecordError("bad_json", repr(e)[:500]) from None
         caption = (meta.get("caption_en") or meta.get("blip_caption_en")) if isinstance(meta, dict) else None
         if not isinstance(caption, str):
             raise RecordError("no_caption", "neither caption_en nor blip_caption_en is a string")
@@ -181,81 +187,178 @@ def open_part_reader(path: str) -> IO[bytes]:
     return open(path, "rb")
 
 
-def iter_part_lines(path: str, start_line: int = 0) -> Iterator[Tuple[int, bytes]]:
+def iter_part_lines(path: str, start_line: int = 0,
+                    max_line_bytes: Optional[int] = None) -> Iterator[Tuple[int, Optional[bytes]]]:
     """Yield (0-based line number, raw line bytes) of non-blank lines, from `start_line` on.
 
-    A truncated or corrupt gzip part raises RecordError('truncated_part') after the last good line, so a reader
-    keeps every record before the damage and can count the damage."""
-    with open_part_reader(path) as f:
-        i = -1
-        try:
-            for i, raw in enumerate(f):
-                if i < start_line or not raw.strip():
-                    continue
-                yield i, raw
-        except (EOFError, OSError, gzip.BadGzipFile, ValueError) as e:
-            raise RecordError("truncated_part", f"{path} after line {i + 1}: {e}") from None
+    With `max_line_bytes`, a line longer than that is yielded as (line number, None) and passed over by reading
+    on to its newline in bounded chunks, so no line is ever held whole (a gzip part that inflates to one huge
+    line included); lines are numbered by newlines either way, so a cap does not move any line number.
+
+    A part that cannot be opened or read raises RecordError('unreadable_part'); a truncated gzip part raises
+    RecordError('truncated_part') and any other read failure RecordError('read_error'), after the last good
+    line, so a reader keeps every record before the damage and can count the damage."""
+    try:
+        f = open_part_reader(path)
+    except Exception as e:  # noqa: BLE001 - gone, a directory, no permission, unreadable header: a skip
+        raise RecordError("unreadable_part", f"{path}: {e!r}") from None
+    i = -1
+    try:
+        with f:
+            if max_line_bytes is None:
+                for i, raw in enumerate(f):
+                    if i >= start_line and raw.strip():
+                        yield i, raw
+                return
+            while True:
+                raw = f.readline(max_line_bytes + 1)
+                if not raw:
+                    return
+                i += 1
+                if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                    while True:  # the rest of the over-long line, a chunk at a time
+                        chunk = f.readline(_RESYNC_CHUNK)
+                        if not chunk or chunk.endswith(b"\n"):
+                            break
+                    if i >= start_line:
+                        yield i, None
+                elif i >= start_line and raw.strip():
+                    yield i, raw
+    except (EOFError, gzip.BadGzipFile) as e:
+        raise RecordError("truncated_part", f"{path} after line {i + 1}: {e!r}") from None
+    except Exception as e:  # noqa: BLE001 - a record-level reader: every failure of the part's bytes is a skip
+        raise RecordError("read_error", f"{path} after line {i + 1}: {e!r}") from None
+
+
+_RESYNC_CHUNK = 1 << 20
 
 
 # ----------------------------------------------------------------------------------------------- filelists
-def _resolve(path: str, naming_file: str) -> str:
-    """Relative paths resolve against the folder of the file that names them."""
+# Where a relative path in a .filelist or .filelist.list is looked for, in this order. Our data tool writes paths
+# relative to the list's own folder (or absolute); the reference's create_pretraining_data.py writes them relative
+# to the folder the recipe runs from, and its loader opens them from the working folder. The list's folder is
+# tried first because it does not depend on where a command runs; the working folder second, so the reference's
+# layouts read unchanged. A path found in neither is an error naming both places.
+BASE_ABSOLUTE = "absolute"
+BASE_LIST_FOLDER = "list folder"
+BASE_WORKING_FOLDER = "working folder"
+_WEIGHTED_LINE = re.compile(r"^(.*?\S)\s+(\S+)$")
+_MAX_LIST_BYTES = 256 << 20  # a list of 1M parts with 200-character paths; anything larger is not a list
+
+
+def resolve_listed(path: str, naming_file: str, line: int, what: str) -> Tuple[str, str]:
+    """(absolute path, base used) of a path named on line `line` of `naming_file`: see the order above. A path
+    that names no regular file at either place is a FileNotFoundError naming every place tried."""
     path = os.path.expanduser(path)
-    return path if os.path.isabs(path) else os.path.normpath(os.path.join(os.path.dirname(naming_file), path))
+    if os.path.isabs(path):
+        tried = [(os.path.normpath(path), BASE_ABSOLUTE)]
+    else:
+        tried = [(os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(naming_file)), path)),
+                  BASE_LIST_FOLDER),
+                 (os.path.normpath(os.path.join(os.getcwd(), path)), BASE_WORKING_FOLDER)]
+    for candidate, base in tried:
+        if os.path.isfile(candidate):
+            return candidate, base
+    places = "; ".join(f"{c} ({b}{': exists but is not a regular file' if os.path.exists(c) else ''})"
+                       for c, b in tried)
+    raise FileNotFoundError(f"{naming_file}:{line}: {what} not found: {path!r}; tried {places}")
+
+
+def _list_lines(path: str, what: str) -> List[Tuple[int, str]]:
+    """(1-based line number, stripped text) of the non-blank, non-comment lines of a list file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}" + (" (not a regular file)" if os.path.exists(path) else ""))
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(_MAX_LIST_BYTES + 1)
+    except (UnicodeDecodeError, OSError) as e:
+        raise ValueError(f"{path}: cannot read this {what} as UTF-8 text: {e}") from None
+    if len(text) > _MAX_LIST_BYTES:
+        raise ValueError(f"{path}: this {what} is larger than {_MAX_LIST_BYTES >> 20} MiB; is it really a list?")
+    out = [(n, ln.strip()) for n, ln in enumerate(text.splitlines(), 1) if ln.strip()[:1] not in ("", "#")]
+    for n, s in out:
+        if "\x00" in s:
+            raise ValueError(f"{path}:{n}: NUL byte in a path")
+    return out
 
 
 @dataclass(frozen=True)
 class Source:
-    """One weighted `.filelist` named by a `.filelist.list`."""
+    """One weighted `.filelist` named by a `.filelist.list`. `base`: how the filelist's own path was found;
+    `parts_base`: how its part paths were (one base, or the count of each when they differ)."""
 
     filelist: str
     weight: float
     parts: Tuple[str, ...]
+    base: str = BASE_ABSOLUTE
+    parts_base: str = BASE_ABSOLUTE
+
+
+def _read_filelist(path: str) -> Tuple[List[str], List[str]]:
+    parts, bases = [], []
+    for n, s in _list_lines(path, "filelist"):
+        part, base = resolve_listed(s, path, n, "part")
+        parts.append(part)
+        bases.append(base)
+    return parts, bases
 
 
 def read_filelist(path: str) -> List[str]:
-    """Part paths listed by a `.filelist` (blank lines and #-comments ignored), resolved."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"filelist not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        return [_resolve(s, path) for s in (ln.strip() for ln in f) if s and not s.startswith("#")]
+    """Part paths listed by a `.filelist` (blank lines and #-comments ignored), resolved (see resolve_listed)."""
+    return _read_filelist(path)[0]
 
 
-def read_filelist_list(path: str, check_parts: bool = True) -> List[Source]:
-    """Sources of a `.filelist.list`: each line `path/to/x.filelist [weight]`. Missing files are errors naming
-    the file and the line that names it."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--file_list not found: {path}")
+def _summarise_bases(bases: List[str]) -> str:
+    counts = Counter(bases)
+    return bases[0] if len(counts) == 1 else ", ".join(f"{n} by {b}" for b, n in counts.items()) or "no parts"
+
+
+def parse_weighted_line(text: str) -> Tuple[str, Optional[str]]:
+    """(path, weight token or None) of a `.filelist.list` line `path [weight]`: the last whitespace-separated
+    token is the weight when it reads as a number, else it is part of the path (paths may contain spaces)."""
+    m = _WEIGHTED_LINE.match(text)
+    if m is None:
+        return text, None
+    try:
+        float(m.group(2))
+    except ValueError:
+        return text, None
+    return m.group(1), m.group(2)
+
+
+def read_filelist_list(path: str) -> List[Source]:
+    """Sources of a `.filelist.list`: each line `path/to/x.filelist [weight]`. Missing files, weights that are not
+    finite and > 0, and lists that name themselves are errors naming the file and the line."""
     sources = []
-    with open(path, encoding="utf-8") as f:
-        for n, ln in enumerate(f, 1):
-            s = ln.strip()
-            if not s or s.startswith("#"):
-                continue
-            fields = s.split()
-            if len(fields) > 2:
-                raise ValueError(f"{path}:{n}: expected 'path [weight]', got {s!r}")
-            weight = 1.0
-            if len(fields) == 2:
-                try:
-                    weight = float(fields[1])
-                except ValueError:
-                    raise ValueError(f"{path}:{n}: weight {fields[1]!r} is not a number") from None
-                if not weight > 0:
-                    raise ValueError(f"{path}:{n}: weight must be > 0, got {weight}")
-            filelist = _resolve(fields[0], path)
-            if not os.path.isfile(filelist):
-                raise FileNotFoundError(f"{path}:{n}: filelist not found: {filelist}")
-            parts = read_filelist(filelist)
-            if check_parts:
-                for p in dict.fromkeys(parts):
-                    if not os.path.isfile(p):
-                        raise FileNotFoundError(f"{filelist}: part not found: {p}")
-            sources.append(Source(filelist, weight, tuple(parts)))
+    for n, s in _list_lines(path, "--file_list"):
+        fl_text, weight_text = parse_weighted_line(s)
+        weight = 1.0
+        if weight_text is not None:
+            weight = float(weight_text)
+            if not (math.isfinite(weight) and weight > 0):
+                raise ValueError(f"{path}:{n}: weight must be a finite number > 0, got {weight_text!r}")
+        try:
+            filelist, base = resolve_listed(fl_text, path, n, "filelist")
+        except FileNotFoundError as e:
+            last = s.split()[-1]
+            hint = (f" (its last token {last!r} is not a number, so it was read as part of the path, not as a "
+                    "weight)") if weight_text is None and len(s.split()) > 1 else ""
+            raise FileNotFoundError(f"{e}{hint}") from None
+        if os.path.samefile(filelist, path):
+            raise ValueError(f"{path}:{n}: the list names itself as a filelist")
+        parts, bases = _read_filelist(filelist)
+        for p in dict.fromkeys(parts):
+            if os.path.samefile(p, filelist) or os.path.samefile(p, path):
+                raise ValueError(f"{filelist}: lists itself (or its .filelist.list) as a part: {p}")
+        sources.append(Source(filelist, weight, tuple(parts), base, _summarise_bases(bases)))
     if not sources:
         raise ValueError(f"{path}: names no filelist")
     if not any(src.parts for src in sources):
         raise ValueError(f"{path}: its filelists list no part files")
+    total = sum(src.weight for src in sources)
+    if not math.isfinite(total):
+        raise ValueError(f"{path}: the weights sum to {total} (each is finite, their sum overflows); scale them "
+                         "down: only their ratios matter")
     return sources
 
 

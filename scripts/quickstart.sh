@@ -11,6 +11,6 @@ sh train.sh
   --guidance_scales 1 7.5 --num_inference_steps 20 --height 32 --width 32 --output_dir runs/tiny/eval
 echo
 echo "checkpoints:    runs/tiny/checkpoint-*/ (unet/ loads with UNet2DConditionModel.from_pretrained)"
-echo "final weights:  runs/tiny/unet/"
+echo "final model:    runs/tiny/ is a pipeline folder (StableDiffusionPipeline.from_pretrained(\"runs/tiny\"))"
 echo "training samples: runs/tiny/samples/*.png    eval grids: runs/tiny/eval/"
 echo "VisualDL:       .venv/bin/visualdl --logdir runs/tiny/runs --host 127.0.0.1 --port 8040"

@@ -1,24 +1,34 @@
 """The training stage's configuration: typed arguments (PdArgumentParser dataclasses), then one resolve step.
 
-Every flag of the reference's section 4.2 is declared here once, on the dataclass that owns it, or inherited from
+Every flag of the reference's sd_args.py is declared here once, on the dataclass that owns it, or inherited from
 paddlenlp's TrainingArguments; the data section is the loader's own config (trainer/loader/config.py). Each
-__post_init__ only validates its own values. `resolve_train` then turns the parsed arguments and the device into
-a new, frozen `TrainRun`: where every model component comes from (sd/components.py, the one resolver shared with
-eval), the precision and model features this device runs, the learning rates, and the notices. The parsed
-arguments are never changed; the TrainRun is what runs, what is logged, and what is saved as train_config.json
-in output_dir and in every checkpoint.
+__post_init__ only validates its own values.
+
+`parse_train` is the one place the reference's environment switches are read (FLAG_USE_EMA, FLAG_RECOMPUTE,
+FLAG_XFORMERS, FLAG_FUSED_LINEAR, FLAG_BENCHMARK, FLAG_TO_STATIC: ENV_ALIASES), so every launch path honours them
+(train.sh, `python -u train_txt2img_laion400m_trainer.py`, `python -m paddle.distributed.launch ...`): each becomes
+its flag placed before the command line's, so an explicit flag still wins.
+
+`resolve_train` then turns the parsed arguments and the device into a new, frozen `TrainRun`: where every model
+component comes from (sd/components.py, the one resolver shared with eval), the precision and model features this
+device runs, the learning rates, the notices, and what each reference spelling became (`aliases`: the FLAG_*
+variables taken or overridden, `--report_to custom_visualdl`). The parsed arguments are never changed; the
+TrainRun is what runs, what is logged, and what is saved as train_config.json in output_dir and in every
+checkpoint.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import sys
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Mapping, NamedTuple, Optional, Tuple
 
 from paddlenlp.trainer import TrainingArguments
 
 from sd.components import Components, resolve_components
-from sd.config import parse_args, save_config
+from sd.config import build_parser, parse_args, save_config
 from sd.device import DeviceFacts, resolve_model_features, resolve_precision
 from trainer.loader.config import DataArguments
 
@@ -26,6 +36,18 @@ logger = logging.getLogger("sd")
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 TRAIN_CONFIG_NAME = "train_config.json"
+# The reference's environment switches (its sd_args.py, exported by its README's 4.2/4.3 commands) -> our field.
+ENV_ALIASES: Tuple[Tuple[str, str], ...] = (
+    ("FLAG_USE_EMA", "use_ema"),
+    ("FLAG_RECOMPUTE", "recompute"),
+    ("FLAG_XFORMERS", "enable_xformers_memory_efficient_attention"),
+    ("FLAG_FUSED_LINEAR", "use_fused_linear"),
+    ("FLAG_BENCHMARK", "benchmark"),
+    ("FLAG_TO_STATIC", "to_static"),
+)
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "t", "yes", "y"), ("0", "false", "f", "no", "n")  # the reference's str2bool
+# The reference's default logger (VisualDL scalars plus its image logging) is ours under paddlenlp's name.
+REPORT_TO_ALIASES = {"custom_visualdl": "visualdl"}
 
 
 @dataclass
@@ -40,7 +62,9 @@ class ModelArguments:
         default=None,
         metadata={"help": "A UNet folder (pretrained weights) or a UNet config .json (train from scratch with the "
                   "reference's zero init)."})
-    tokenizer_name: Optional[str] = field(default=None, metadata={"help": "Folder of a CLIPTokenizer."})
+    tokenizer_name: Optional[str] = field(
+        default=None, metadata={"help": "Folder of a CLIPTokenizer (default: the root's tokenizer/, else the "
+                                "tokenizer/ beside the text encoder)."})
     model_max_length: int = field(default=77, metadata={"help": "Tokenizer padding/truncation length."})
     train_text_encoder: bool = field(default=False, metadata={"help": "Also train the text encoder."})
     unet_learning_rate: Optional[float] = field(default=None, metadata={"help": "Overrides --learning_rate for the UNet."})
@@ -78,7 +102,8 @@ class ModelArguments:
 
 @dataclass
 class SDTrainingArguments(TrainingArguments):
-    image_logging_steps: int = field(default=1000, metadata={"help": "Log samples every N steps (0 = never)."})
+    image_logging_steps: int = field(
+        default=1000, metadata={"help": "Log samples every N steps (0 or less = never, as the reference's -1)."})
     only_save_updated_model: bool = field(
         default=True, metadata={"help": "Save only trained parts (unet, unet_ema, text_encoder) in checkpoints."})
     benchmark: bool = field(default=False, metadata={"help": "Print ips, reader cost and peak memory."})
@@ -87,6 +112,10 @@ class SDTrainingArguments(TrainingArguments):
         default_factory=lambda: ["a photo of an astronaut riding a horse on mars",
                                  "a little girl dances in the cherry blossom rain"],
         metadata={"help": "Fixed prompts of the logged samples."})
+    trust_pickled_checkpoint: bool = field(
+        default=False,
+        metadata={"help": "Resume a checkpoint (or load a model folder) holding pickled files (.pdparams, .pdopt, "
+                  "...) or an unverified older checkpoint: unpickling runs code, so only for files you made."})
     max_nonfinite_steps: int = field(
         default=20, metadata={"help": "Consecutive non-finite losses/gradients that stop the run."})
     # The reference's defaults: a constant schedule, no clipping unless asked.
@@ -97,9 +126,7 @@ class SDTrainingArguments(TrainingArguments):
             raise ValueError("--fp16 and --bf16 are exclusive: pick one")
         if self.fp16_opt_level not in ("O1", "O2"):
             raise ValueError(f"--fp16_opt_level must be O1 or O2, got {self.fp16_opt_level!r}")
-        if self.image_logging_steps < 0:
-            raise ValueError(f"--image_logging_steps must be >= 0, got {self.image_logging_steps}")
-        if self.image_logging_steps and self.logging_steps and self.image_logging_steps % self.logging_steps:
+        if self.image_logging_steps > 0 and self.logging_steps and self.image_logging_steps % self.logging_steps:
             raise ValueError(f"--image_logging_steps ({self.image_logging_steps}) must be a multiple of "
                              f"--logging_steps ({self.logging_steps}), as in the reference")
         if self.max_steps is None or self.max_steps <= 0:
@@ -136,17 +163,23 @@ class TrainRun:
     features: RunFeatures
     unet_learning_rate: float
     text_encoder_learning_rate: float
-    notices: Tuple[str, ...]
+    notices: Tuple[str, ...]  # what this device cannot do, and what runs instead
+    aliases: Tuple[str, ...] = ()  # the reference's spellings taken here (FLAG_* variables, custom_visualdl)
 
     def save(self, folder: str) -> str:
         return save_config(f"{folder.rstrip('/')}/{TRAIN_CONFIG_NAME}", self)
 
 
 def resolve_train(model: ModelArguments, data: DataArguments, training: SDTrainingArguments,
-                  device: Optional[DeviceFacts] = None) -> TrainRun:
+                  device: Optional[DeviceFacts] = None, env: Tuple["EnvAlias", ...] = ()) -> TrainRun:
     """Parsed arguments + this device -> the run's resolved config. Raises on a missing or ambiguous component;
-    everything the device cannot do becomes a notice and the mode it can do."""
+    everything the device cannot do becomes a notice and the mode it can do. `env`: the FLAG_* variables
+    parse_train read, recorded as aliases."""
     device = device or DeviceFacts.detect()
+    report_to = list(dict.fromkeys(REPORT_TO_ALIASES.get(r, r) for r in training.report_to))
+    aliases = [a.notice() for a in env] + [
+        f"--report_to {r} (the reference's logger) runs as {REPORT_TO_ALIASES[r]}: scalars, and images every "
+        "--image_logging_steps" for r in training.report_to if r in REPORT_TO_ALIASES]
     components = resolve_components(
         "train", model.pretrained_model_name_or_path, vae=model.vae_name_or_path,
         text_encoder=model.text_encoder_name_or_path, tokenizer=model.tokenizer_name, unet=model.unet_name_or_path)
@@ -157,7 +190,7 @@ def resolve_train(model: ModelArguments, data: DataArguments, training: SDTraini
     effective = dataclasses.replace(
         training, fp16=precision.fp16, bf16=precision.bf16, fp16_opt_level=precision.fp16_opt_level,
         # The scheduler's base value is the UNet's rate (--unet_learning_rate wins over --learning_rate).
-        learning_rate=unet_lr,
+        learning_rate=unet_lr, report_to=report_to,
         # The Trainer's to_static would capture the whole wrapper, whose keyed random draws are host-side numpy;
         # the recipe compiles the UNet instead (RunFeatures.static_unet).
         to_static=False,
@@ -170,9 +203,59 @@ def resolve_train(model: ModelArguments, data: DataArguments, training: SDTraini
                              memory_efficient_attention=features.memory_efficient_attention,
                              fused_linear=features.fused_linear, static_unet=bool(training.to_static)),
         unet_learning_rate=unet_lr, text_encoder_learning_rate=model.text_encoder_learning_rate or unet_lr,
-        notices=tuple(precision_notices + feature_notices))
+        notices=tuple(precision_notices + feature_notices), aliases=tuple(aliases))
+
+
+@dataclass(frozen=True)
+class EnvAlias:
+    """One FLAG_* variable found set, and whether it was taken or an explicit flag won."""
+
+    variable: str
+    raw: str
+    flag: str
+    value: bool
+    overridden: bool  # the command line names the flag itself: it wins
+
+    def notice(self) -> str:
+        if self.overridden:
+            return f"{self.variable}={self.raw} not taken: --{self.flag} on the command line wins"
+        return f"--{self.flag} {self.value} from the environment ({self.variable}={self.raw})"
+
+
+def read_env_aliases(environ: Mapping[str, str], argv: List[str]) -> Tuple[EnvAlias, ...]:
+    """The FLAG_* variables set in `environ` (empty = unset), each checked as the reference's str2bool reads it."""
+    given = {tok[2:].split("=", 1)[0] for tok in argv if tok.startswith("--")}
+    found = []
+    for variable, name in ENV_ALIASES:
+        raw = environ.get(variable, "").strip()
+        if not raw:
+            continue
+        if raw.lower() not in TRUE_WORDS + FALSE_WORDS:
+            raise ValueError(f"{variable} must be 1 or 0 (or true/false, yes/no), got {raw!r}")
+        found.append(EnvAlias(variable, raw, name, raw.lower() in TRUE_WORDS, name in given))
+    return tuple(found)
+
+
+class TrainArgs(NamedTuple):
+    model: ModelArguments
+    data: DataArguments
+    training: SDTrainingArguments
+    env: Tuple[EnvAlias, ...]
+
+
+def parse_train(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]] = None) -> TrainArgs:
+    """train.py's arguments as parsed (not resolved): the command line (or a single .json of flags), with each
+    FLAG_* variable of `environ` (default os.environ) placed before it as its flag, so an explicit flag wins."""
+    types = (ModelArguments, DataArguments, SDTrainingArguments)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        argv = build_parser(types).read_json(os.path.abspath(argv[0]))
+    env = read_env_aliases(os.environ if environ is None else environ, argv)
+    prefix = [tok for a in env if not a.overridden for tok in (f"--{a.flag}", str(a.value))]
+    model, data, training = parse_args(types, prefix + argv)
+    return TrainArgs(model, data, training, env)
 
 
 def parse_train_args(argv: Optional[List[str]] = None):
-    """(ModelArguments, DataArguments, SDTrainingArguments) of train.py, as parsed (not resolved)."""
-    return parse_args((ModelArguments, DataArguments, SDTrainingArguments), argv)
+    """(ModelArguments, DataArguments, SDTrainingArguments) of train.py, as parsed (FLAG_* variables included)."""
+    return tuple(parse_train(argv)[:3])

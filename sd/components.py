@@ -6,11 +6,13 @@ component, one column set per purpose), and `resolve_components` only reads that
 
 - training may start the UNet from scratch: a root's unet_config.json, or an override ending in .json, means
   "build from this config"; a root holding both unet/ and unet_config.json is ambiguous, hence an error. Its
-  scheduler/ is optional (the model falls back to its own default schedule).
+  scheduler/ is optional (the model falls back to its own default schedule). The tokenizer, like the
+  reference's, needs no flag of its own: the root's tokenizer/, else the tokenizer/ beside the text encoder.
 - eval needs trained weights: a UNet folder must hold config.json; --use_ema takes the unet_ema/ beside it.
   A checkpoint's scheduler/ beside its unet/ wins over the root's (sampling matches the training schedule), and
   a trained text_encoder/ beside it must be chosen explicitly (pairing the UNet with the original encoder would
-  silently give wrong images).
+  silently give wrong images). A text_encoder/ whose weight files are byte-identical (sha256) to the root's is
+  the same encoder, not a trained one: a finished run's pipeline folder holds such a copy.
 
 Every path is checked here, before any weights load: a mistyped path is an error naming the flag the user
 passed, never a silently random component.
@@ -20,7 +22,9 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from data_tools.fileio import sha256_file
 
 PURPOSES = ("train", "eval")
 ROOT = "root"  # the key of the root folder's flag in ROOT_FLAGS and in flag_names
@@ -36,6 +40,7 @@ class Rule:
     needs_file: Optional[str] = None  # a folder of this component must hold this file
     sibling: str = "ignore"  # a same-named folder next to the UNet's: "ignore" | "wins" | "choose" (explicitly)
     ema_folder: Optional[str] = None  # use_ema takes this folder next to the UNet folder instead
+    beside: Optional[str] = None  # else the same-named folder next to this (earlier) component's folder
     hint: str = ""  # appended to "the root has no <subfolder>/"
 
 
@@ -61,7 +66,7 @@ RULES: Tuple[Row, ...] = (
         train=Rule("--text_encoder_name_or_path", True),
         eval=Rule("--text_encoder_path", True, sibling="choose")),
     Row("tokenizer", "tokenizer", "tokenizer",
-        train=Rule("--tokenizer_name", True),
+        train=Rule("--tokenizer_name", True, beside="text_encoder"),
         eval=Rule(None, True)),
     Row("scheduler", "scheduler", "scheduler",
         train=Rule(None, False),
@@ -69,6 +74,22 @@ RULES: Tuple[Row, ...] = (
 )
 ROOT_FLAGS = {"train": "--pretrained_model_name_or_path", "eval": "--model_dir"}
 ROOT_REQUIRED = {"train": False, "eval": True}
+WEIGHT_SUFFIXES = (".safetensors", ".pdparams", ".bin", ".pt", ".pth", ".ckpt", ".msgpack")
+# What StableDiffusionPipeline.from_pretrained needs in a pipeline folder's model_index.json (the sd/tiny_init
+# folder and a finished run's output_dir). ppdiffusers 0.29 maps "paddlenlp.transformers" to
+# ppdiffusers.transformers; naming it directly says which CLIPTextModel class reads the weights.
+MODEL_INDEX: Dict[str, Any] = {
+    "_class_name": "StableDiffusionPipeline",
+    "_diffusers_version": "0.29.0",
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["ppdiffusers", "DDPMScheduler"],
+    "text_encoder": ["ppdiffusers.transformers", "CLIPTextModel"],
+    "tokenizer": ["ppdiffusers.transformers", "CLIPTokenizer"],
+    "unet": ["ppdiffusers", "UNet2DConditionModel"],
+    "vae": ["ppdiffusers", "AutoencoderKL"],
+}
 
 
 @dataclass(frozen=True)
@@ -125,7 +146,7 @@ def resolve_components(purpose: str, root: Optional[str], *, vae: Optional[str] 
         if given is not None:
             path = _check_explicit(row, rule, flag, os.path.normpath(given))
         else:
-            path = _from_root(row, rule, root, root_flag, flag, unet_base)
+            path = _from_root(row, rule, root, root_flag, flag, unet_base, found)
         if path is not None and rule.needs_file and not os.path.isfile(os.path.join(path, rule.needs_file)):
             hint = os.path.join(path, row.subfolder)
             hint = f" (did you mean {hint}?)" if os.path.isdir(hint) else ""
@@ -157,11 +178,14 @@ def _check_explicit(row: Row, rule: Rule, flag: str, path: str) -> str:
 
 
 def _from_root(row: Row, rule: Rule, root: Optional[str], root_flag: str, flag: Optional[str],
-               unet_base: Optional[str]) -> Optional[str]:
+               unet_base: Optional[str], found: Mapping[str, Optional[str]]) -> Optional[str]:
     """The component's location when no override names it: a sibling of the UNet folder (per rule.sibling),
-    else the root's subfolder (or config file)."""
+    else the root's subfolder (or config file), else (rule.beside) the folder next to another component's."""
     sub = os.path.join(root, row.subfolder) if root is not None else None
     default = sub if sub is not None and os.path.isdir(sub) else None
+    if default is None and rule.beside and found.get(rule.beside):
+        beside = os.path.join(os.path.dirname(found[rule.beside]), row.subfolder)
+        default = beside if os.path.isdir(beside) else None
     if rule.config_file and root is not None:
         config = os.path.join(root, rule.config_file)
         if os.path.isfile(config):
@@ -172,14 +196,29 @@ def _from_root(row: Row, rule: Rule, root: Optional[str], root_flag: str, flag: 
     if rule.sibling != "ignore" and sibling is not None and os.path.isdir(sibling):
         if rule.sibling == "wins":
             return sibling
-        if sub is None or os.path.abspath(sibling) != os.path.abspath(sub):
+        same = default is not None and (os.path.abspath(sibling) == os.path.abspath(default)
+                                        or same_weights(sibling, default))
+        if not same:
             raise ValueError(f"{os.path.dirname(unet_base)} holds a trained {row.subfolder}/: pass {flag} "
                              f"{sibling} (or {flag} {sub} to use the original on purpose)")
     if default is None and rule.required:
         wanted = row.subfolder + "/" + (f" or {rule.config_file}" if rule.config_file else "")
+        beside = f", or a {row.subfolder}/ beside the {rule.beside.replace('_', ' ')}" if rule.beside else ""
         if root is None:
-            raise ValueError(f"{flag} is required (or a {root_flag} with {wanted})")
+            raise ValueError(f"{flag} is required (or a {root_flag} with {wanted}{beside})")
         if flag is None or rule.hint:
             raise FileNotFoundError(f"{root_flag} {root} has no {wanted}" + (rule.hint or " folder"))
         raise FileNotFoundError(f"{root_flag} {root} has no {wanted}: pass {flag}")
     return default
+
+
+def weight_digests(folder: str) -> Dict[str, str]:
+    """{file name: sha256} of the weight files directly in `folder` (what from_pretrained reads)."""
+    return {name: sha256_file(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
+            if name.endswith(WEIGHT_SUFFIXES) and os.path.isfile(os.path.join(folder, name))}
+
+
+def same_weights(a: str, b: str) -> bool:
+    """Two component folders hold the same weights: the same weight file names, byte for byte."""
+    digests = weight_digests(a)
+    return bool(digests) and digests == weight_digests(b)

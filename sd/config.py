@@ -51,7 +51,11 @@ def parse_args(dataclass_types: Sequence[type], argv: Optional[List[str]] = None
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(dataclass_types, **parser_kwargs)
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
+        path = os.path.abspath(argv[0])
+        try:
+            return parser.parse_json_file(path)
+        except json.JSONDecodeError as e:  # name the file: the decoder's message names only a line and column
+            raise ValueError(f"{path}: not valid JSON: {e}") from None
     return parser.parse_args_into_dataclasses(args=argv)
 
 

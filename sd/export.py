@@ -36,12 +36,12 @@ import numpy as np
 
 from sd.components import Components, read_config, resolve_components
 from sd.config import format_config, parse_args, save_config
+from trainer.checkpoint import is_pickled
 
 logger = logging.getLogger("sd.export")
 
 FORMATS = ("diffusers", "original", "both")
 DTYPES = ("float32", "float16", "bfloat16")
-PICKLE_SUFFIXES = (".pdparams", ".bin", ".ckpt", ".pt", ".pth", ".pkl")
 EXPORT_CONFIG_NAME = "export_config.json"
 DIFFUSERS_DIR = "diffusers"
 ORIGINAL_FILE = "model.safetensors"
@@ -131,7 +131,7 @@ def resolve(args: ExportArguments) -> ExportConfig:
 def safetensors_weights(folder: str) -> List[str]:
     """The folder's .safetensors files; an error if it has none or holds pickles."""
     names = sorted(os.listdir(folder))
-    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+    pickles = [n for n in names if is_pickled(n)]  # the one rule (trainer/checkpoint.py)
     if pickles:
         raise ValueError(f"{folder} holds pickle weights {pickles}: export reads safetensors only (loading a "
                          "pickle can run code); re-save the model with safe_serialization=True")

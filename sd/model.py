@@ -1,7 +1,8 @@
 """The latent-diffusion model wrapper: frozen VAE and text encoder, trainable UNet, optional EMA, and its loss.
 
 Components come from ppdiffusers/paddlenlp (AutoencoderKL, CLIPTextModel, UNet2DConditionModel, DDPMScheduler,
-LitEma); this file only wires them and owns the training randomness (noise, timesteps, VAE sampling).
+LitEma); this file only wires them and owns the training randomness (noise, timesteps, VAE sampling), what a
+checkpoint saves of the model (save_trained) and the pipeline folder a finished run leaves (save_pipeline_folder).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 
 import paddle
 from paddle import nn
@@ -20,11 +22,14 @@ from ppdiffusers.models.resnet import ResnetBlock2D
 from ppdiffusers.models.transformer_2d import Transformer2DModel
 from ppdiffusers.training_utils import freeze_params
 
+from data_tools.fileio import write_json_atomic
 from sd import losses
+from sd.components import MODEL_INDEX
 from sd.paths import SCHEDULER_SD_V1
+from trainer import checkpoint as ckpt
 
 logger = logging.getLogger("sd")
-
+EMA_VARIANT = "ema"  # the reference's name: unet/diffusion_paddle_model.ema.safetensors
 
 
 class FusedLinearForward:
@@ -141,46 +146,67 @@ class LatentDiffusionModel(nn.Layer):
         return groups
 
     def save_trained(self, output_dir: str, only_updated: bool, tokenizer=None) -> None:
-        """unet/ (+ text_encoder/ when trained), or a whole pipeline folder; unet_ema/ with --use_ema."""
+        """What a checkpoint holds of the model, in the layout from_pretrained loads: unet/, scheduler/ (the
+        training schedule, prediction type included: samplers built from it match the training) and text_encoder/
+        when trained; with only_updated False, a whole pipeline folder instead. With --use_ema the EMA weights are
+        also saved the reference's way, as unet/'s variant "ema" (from_pretrained(unet, variant="ema")), and as
+        unet_ema/ (eval --use_ema, export)."""
+        unet_dir = os.path.join(output_dir, "unet")
         if only_updated:
-            self.unet.save_pretrained(os.path.join(output_dir, "unet"))
-            # The training schedule (prediction type included) travels with the UNet: eval.py samples with it.
+            self.unet.save_pretrained(unet_dir)
             self.noise_scheduler.save_pretrained(os.path.join(output_dir, "scheduler"))
             if self.train_text_encoder:
                 self.text_encoder.save_pretrained(os.path.join(output_dir, "text_encoder"), safe_serialization=True)
         else:  # loadable by StableDiffusionPipeline.from_pretrained(output_dir)
             from sd.eval import sampling
 
-            scheduler = sampling.make_scheduler("ddim", self.noise_scheduler.config)
-            sampling.make_pipeline(self.vae, self.text_encoder, tokenizer, self.unet, scheduler).save_pretrained(
-                output_dir)
+            sampling.make_pipeline(self.vae, self.text_encoder, tokenizer, self.unet,
+                                   self.noise_scheduler).save_pretrained(output_dir)
         if self.model_ema is not None:
             with self.ema_scope():
+                self.unet.save_pretrained(unet_dir, variant=EMA_VARIANT)
                 self.unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
 
     def save_resume_state(self, checkpoint: str) -> None:
         if self.model_ema is not None:  # fp32 shadow weights + warm-up counter, for an exact resume
-            paddle.save({"buffers": self.model_ema.state_dict(), "num_updates": self.model_ema.num_updates},
-                        os.path.join(checkpoint, "ema_state.pdparams"))
+            ckpt.save_tensors(os.path.join(checkpoint, ckpt.EMA_FILE), self.model_ema.state_dict(),
+                              {"format": "sd_ema_state", "num_updates": self.model_ema.num_updates})
 
-    def load_trained(self, checkpoint: str) -> None:
-        """Weights and EMA of a checkpoint of this recipe, into the already-built model."""
+    def load_trained(self, checkpoint: str, trust_pickled: bool = False) -> None:
+        """Weights and EMA of a checkpoint of this recipe, into the already-built model. Safetensors only, unless
+        trust_pickled (--trust_pickled_checkpoint) allows the pickled files of older checkpoints."""
         unet_dir = os.path.join(checkpoint, "unet")
         if not os.path.isdir(unet_dir):
             raise FileNotFoundError(f"{checkpoint}: no unet/ folder (not a checkpoint of this recipe?)")
+        ckpt.refuse_pickled_weights(unet_dir, "the checkpoint's UNet", trust_pickled)
         self.unet.set_state_dict(UNet2DConditionModel.from_pretrained(unet_dir).state_dict())
         if self.train_text_encoder:
             te_dir = os.path.join(checkpoint, "text_encoder")
             if not os.path.isdir(te_dir):
                 raise FileNotFoundError(f"{checkpoint}: --train_text_encoder is on but it has no text_encoder/")
+            ckpt.refuse_pickled_weights(te_dir, "the checkpoint's text encoder", trust_pickled)
             self.text_encoder.set_state_dict(CLIPTextModel.from_pretrained(te_dir).state_dict())
         if self.model_ema is not None:
-            ema_file = os.path.join(checkpoint, "ema_state.pdparams")
-            if not os.path.isfile(ema_file):
-                raise FileNotFoundError(f"{checkpoint}: --use_ema is on but it has no ema_state.pdparams")
-            ema = paddle.load(ema_file)
-            self.model_ema.set_state_dict(ema["buffers"])
-            self.model_ema.num_updates = int(ema["num_updates"])
+            self._load_ema(checkpoint, trust_pickled)
+
+    def _load_ema(self, checkpoint: str, trust_pickled: bool) -> None:
+        ema_file, legacy = os.path.join(checkpoint, ckpt.EMA_FILE), os.path.join(checkpoint, "ema_state.pdparams")
+        if os.path.isfile(ema_file):
+            buffers, meta = ckpt.load_tensors(ema_file)
+            if meta.get("format") != "sd_ema_state" or set(buffers) != set(self.model_ema.state_dict()):
+                raise ckpt.CheckpointError(f"{ema_file} is not the EMA state of this model")
+            num_updates = meta.get("num_updates")
+        elif os.path.isfile(legacy) and trust_pickled:  # an older checkpoint's pickled EMA, trusted by the user
+            logger.warning("%s: loading the pickled %s (trusted)", ckpt.TRUST_FLAG, legacy)
+            saved = paddle.load(legacy)
+            buffers, num_updates = saved["buffers"], saved["num_updates"]
+        elif os.path.isfile(legacy):
+            raise ckpt.CheckpointError(f"{legacy} is a pickled file: loading it can run code; pass "
+                                       f"{ckpt.TRUST_FLAG} if you made it")
+        else:
+            raise FileNotFoundError(f"{checkpoint}: --use_ema is on but it has no {ckpt.EMA_FILE}")
+        self.model_ema.set_state_dict(buffers)
+        self.model_ema.num_updates = int(num_updates)
 
     def on_train_batch_end(self) -> None:
         if self.model_ema is not None:
@@ -264,3 +290,23 @@ class LatentDiffusionModel(nn.Layer):
             yield
         finally:
             self.model_ema.restore(params)
+
+
+def save_pipeline_folder(model: LatentDiffusionModel, components, output_dir: str) -> None:
+    """The end of a run, after the Trainer saved the trained parts (save_trained): output_dir becomes a folder
+    StableDiffusionPipeline.from_pretrained(output_dir) loads, with the training schedule in scheduler/. The parts
+    training left unchanged (VAE, tokenizer, the text encoder unless trained) are copied byte for byte from where
+    they were loaded (sd/components.Components), so eval's sd/components.py rule recognises the text encoder as
+    the root's own (same sha256), and model_index.json names the classes."""
+    untouched = {"vae": components.vae, "tokenizer": components.tokenizer}
+    if not model.train_text_encoder:
+        untouched["text_encoder"] = components.text_encoder
+    for name, source in untouched.items():
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target) and os.path.samefile(source, target):  # output_dir is the root itself
+            continue
+        if os.path.isdir(target):  # a previous finish of this run (resumed), or a whole-pipeline save
+            shutil.rmtree(target)
+        shutil.copytree(source, target)
+    write_json_atomic(os.path.join(output_dir, "model_index.json"), MODEL_INDEX)
+    logger.info("pipeline folder: %s (StableDiffusionPipeline.from_pretrained loads it)", output_dir)

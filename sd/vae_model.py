@@ -1,7 +1,8 @@
 """The VAE pretraining stage: a ppdiffusers AutoencoderKL trained on part files with reconstruction + KL.
 
 The wrapper has the same trainer hooks as sd/model.py (param_groups, save_trained, save_resume_state,
-load_trained, on_train_batch_end), so the one StreamingTrainer trains both stages.
+load_trained, on_train_batch_end), so the one StreamingTrainer trains both stages. A VAE folder holding pickled
+weights is refused (trainer/checkpoint.py refuse_pickled_weights), at start and on resume.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from paddle import nn
 from ppdiffusers import AutoencoderKL
 
 from sd import losses
+from trainer.checkpoint import refuse_pickled_weights
 
 logger = logging.getLogger("sd")
 
@@ -46,10 +48,11 @@ class VAEArguments:
         if self.eval_file_list is not None and not os.path.isfile(self.eval_file_list):
             raise FileNotFoundError(f"--eval_file_list: no such file: {self.eval_file_list}")
 
-    def build(self) -> AutoencoderKL:
+    def build(self, trust_pickled: bool = False) -> AutoencoderKL:
         if self.vae_config is not None:
             with open(self.vae_config, encoding="utf-8") as f:
                 return AutoencoderKL.from_config(json.load(f))
+        refuse_pickled_weights(self.vae_name_or_path, "--vae_name_or_path", trust_pickled)
         return AutoencoderKL.from_pretrained(self.vae_name_or_path)
 
 
@@ -77,10 +80,11 @@ class VAEModel(nn.Layer):
     def save_resume_state(self, checkpoint: str) -> None:
         pass  # the weights are the whole state (optimizer, scheduler and RNG are the Trainer's)
 
-    def load_trained(self, checkpoint: str) -> None:
+    def load_trained(self, checkpoint: str, trust_pickled: bool = False) -> None:
         vae_dir = os.path.join(checkpoint, "vae")
         if not os.path.isdir(vae_dir):
             raise FileNotFoundError(f"{checkpoint}: no vae/ folder (not a checkpoint of train_vae.py?)")
+        refuse_pickled_weights(vae_dir, "the checkpoint's VAE", trust_pickled)
         self.vae.set_state_dict(AutoencoderKL.from_pretrained(vae_dir).state_dict())
 
     def on_train_batch_end(self) -> None:

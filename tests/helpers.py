@@ -128,6 +128,38 @@ def image_transform(folder: str, resolution: int, **data_kw):
     return ImageTransform(DataArguments(file_list, resolution=resolution, **data_kw))
 
 
+def truncated_jpeg(seed: int = 0) -> bytes:
+    """A JPEG whose header parses (so it passes the loader's header check) and whose pixels are cut off."""
+    return image_bytes(64, 64, seed=seed)[:400]
+
+
+# A training loop's view of the loader, in a fresh process: the real DataLoader (paddle's reader thread with 0
+# workers, processes otherwise), LoaderStateTracker.consume on every batch. argv[1] is JSON: data (DataArguments
+# fields), workers, batches, optional state (a loader_state_rank*.json path).
+LOADER_LOOP = """
+import json, sys
+from trainer.loader.config import DataArguments
+from trainer.loader.text_image_dataset import LoaderStateTracker, TextImageDataset, build_dataloader, load_state_file
+kw = json.loads(sys.argv[1])
+ds = TextImageDataset(DataArguments(**kw["data"]), None, 2, num_workers=kw["workers"], seed=1)
+if kw.get("state"):
+    ds.load_state_dict(load_state_file(kw["state"]))
+tracker = LoaderStateTracker(ds)
+for i, batch in enumerate(build_dataloader(ds)):
+    tracker.consume(batch)
+    if i + 1 >= kw.get("batches", 4):
+        break
+print("consumed", tracker.batches_consumed)
+"""
+
+
+def run_loader_loop(data: dict, workers: int, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    """LOADER_LOOP in a subprocess; subprocess.TimeoutExpired (a hang) fails the calling test."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([PY, "-c", LOADER_LOOP, json.dumps({"data": data, "workers": workers, **kw})],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
 def tiny_clip_tokenizer(folder: str):
     """A real paddlenlp CLIPTokenizer over a byte-level vocabulary written to `folder`."""
     from paddlenlp.transformers import CLIPTokenizer
@@ -204,8 +236,9 @@ def read_rejects(out: str, name: str = "custom_dataset") -> List[dict]:
         return [json.loads(ln) for ln in f]
 
 
-def part_files(out: str) -> Dict[str, bytes]:
-    folder = os.path.join(out, "laion400m_format_data")
+def part_files(out: str, name: str = "custom_dataset") -> Dict[str, bytes]:
+    """Every file in the parts folder of dataset NAME (laion400m_format_data/NAME/), by name."""
+    folder = os.path.join(out, "laion400m_format_data", name)
     return {fn: open(os.path.join(folder, fn), "rb").read() for fn in sorted(os.listdir(folder))}
 
 
@@ -217,3 +250,18 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     return subprocess.run([sys.executable, ENTRY, *args], capture_output=True, text=True, timeout=timeout,
                           env=env, cwd=ROOT)
+
+
+def assert_every_record_once(out: str, manifest: dict, n_records: int, name: str = "custom_dataset") -> None:
+    """README's invariant: every input record ends in exactly one place, a part or the rejects file, and the
+    manifest counts agree with what is on disk (parts matching their sha256)."""
+    from data_tools.fileio import sha256_file
+
+    rejects = read_rejects(out, name)
+    indices = [r["index"] for r in rejects]
+    assert len(set(indices)) == len(indices) == manifest["records_rejected"]
+    assert len(read_dataset(out, name)) == manifest["records_written"]
+    assert manifest["input_records"] == n_records == manifest["records_written"] + manifest["records_rejected"]
+    assert sum(manifest["rejects_by_reason"].values()) == len(rejects)
+    for p in manifest["parts"]:
+        assert (os.path.getsize(p["path"]), sha256_file(p["path"])) == (p["bytes"], p["sha256"])

@@ -8,8 +8,9 @@ import pytest
 from paddlenlp.trainer import PdArgumentParser
 
 from helpers import TINY_INIT
-from sd.args import DataArguments, ModelArguments, SDTrainingArguments, resolve_train
+from sd.args import ENV_ALIASES, DataArguments, ModelArguments, SDTrainingArguments, parse_train, resolve_train
 from sd.device import DeviceFacts
+from trainer.checkpoint import write_marker
 from trainer.entry import resolve_checkpoint
 
 CPU = DeviceFacts(cuda=False, bf16_supported=False)
@@ -137,8 +138,60 @@ def test_resume_rules(tmp_path, file_list):
     with pytest.raises(ValueError, match="already exists and is not empty"):
         resolve_checkpoint(training)
     (out / "checkpoint-2").mkdir()
-    (out / "checkpoint-2" / ".complete").write_text("")
+    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    write_marker(str(out / "checkpoint-2"), 2)  # the complete marker listing its files (trainer/checkpoint.py)
     assert resolve_checkpoint(training) == str(out / "checkpoint-2")
     _, _, explicit = parse(*base(file_list, out, "--resume_from_checkpoint", str(out / "nope")))
     with pytest.raises(FileNotFoundError, match="--resume_from_checkpoint"):
         resolve_checkpoint(explicit)
+
+
+ALL_ON = {variable: "1" for variable, _ in ENV_ALIASES}
+
+
+def test_flag_environment_variables_are_read_once_and_an_explicit_flag_wins(tmp_path, file_list):
+    argv = base(file_list, tmp_path / "o")
+    args = parse_train(argv, environ=ALL_ON)
+    model, training = args.model, args.training
+    assert model.use_ema and model.enable_xformers_memory_efficient_attention and model.use_fused_linear
+    assert training.recompute and training.benchmark and training.to_static
+    run = resolve_train(*args[:3], device=CPU, env=args.env)
+    assert run.features.recompute and run.features.static_unet
+    assert "--use_ema True from the environment (FLAG_USE_EMA=1)" in run.aliases
+    assert len(run.aliases) == len(ENV_ALIASES)
+    # The explicit flag wins either way, bare or with a value, and the record says so.
+    args = parse_train(argv + ["--use_ema", "False", "--recompute=false"], environ=ALL_ON)
+    assert not args.model.use_ema and not args.training.recompute and args.training.benchmark
+    assert "FLAG_USE_EMA=1 not taken: --use_ema on the command line wins" in [a.notice() for a in args.env]
+    off = parse_train(argv + ["--benchmark"], environ={"FLAG_BENCHMARK": "0", "FLAG_USE_EMA": "no"})
+    assert off.training.benchmark and not off.model.use_ema
+    assert parse_train(argv, environ={}).env == () and not parse_train(argv, environ={"FLAG_USE_EMA": ""}).env
+
+
+def test_flag_environment_variables_with_a_json_argument(tmp_path, file_list):
+    flags = base(file_list, tmp_path / "o")
+    config = {flags[i][2:]: flags[i + 1] for i in range(0, len(flags), 2)}
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({**config, "recompute": False}))
+    args = parse_train([str(path)], environ={"FLAG_USE_EMA": "true", "FLAG_RECOMPUTE": "1"})
+    assert args.model.use_ema and not args.training.recompute  # the file names recompute: it wins
+
+
+def test_a_bad_flag_environment_value_names_the_variable(tmp_path, file_list):
+    with pytest.raises(ValueError, match="FLAG_RECOMPUTE must be 1 or 0 .*got 'maybe'"):
+        parse_train(base(file_list, tmp_path / "o"), environ={"FLAG_RECOMPUTE": "maybe"})
+
+
+def test_reference_spellings_report_to_and_image_logging_off(tmp_path, file_list):
+    run = resolve(*base(file_list, tmp_path / "o", "--report_to", "custom_visualdl", "--image_logging_steps", "-1"))
+    assert run.training.report_to == ["visualdl"] and run.training.image_logging_steps == -1
+    assert any("custom_visualdl" in a and "visualdl" in a for a in run.aliases)
+    assert resolve(*base(file_list, tmp_path / "p")).aliases == ()
+
+
+def test_reference_command_needs_no_tokenizer_flag(tmp_path, file_list):
+    """The reference's 4.2 component flags: vae and text encoder folders of one pipeline, a UNet config."""
+    run = resolve(*base(file_list, tmp_path / "o")[:-2], "--vae_name_or_path", os.path.join(TINY_INIT, "vae"),
+                  "--text_encoder_name_or_path", os.path.join(TINY_INIT, "text_encoder"),
+                  "--unet_name_or_path", os.path.join(TINY_INIT, "unet_config.json"))
+    assert run.components.tokenizer == os.path.join(TINY_INIT, "tokenizer")

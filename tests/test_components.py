@@ -224,3 +224,35 @@ def test_flag_names_of_the_caller_appear_in_messages(init):
         resolve_components("eval", str(init / "nowhere"), flag_names={"root": "--base"})
     with pytest.raises(ValueError, match="purpose must be one of"):
         resolve_components("infer", str(init))
+
+
+def test_train_tokenizer_defaults_to_the_roots_then_beside_the_text_encoder(tmp_path, init):
+    """The reference's 4.2 command names no tokenizer: the root's tokenizer/, else the one beside the text
+    encoder (CompVis-stable-diffusion-v1-4/text_encoder -> .../tokenizer)."""
+    sd14 = make_root(tmp_path / "CompVis-stable-diffusion-v1-4", unet_config=False)
+    c = resolve_components("train", None, vae=str(sd14 / "vae"), text_encoder=str(sd14 / "text_encoder"),
+                           unet=str(init / "unet_config.json"))
+    assert c.tokenizer == str(sd14 / "tokenizer") and c.unet_from_config
+    assert resolve_components("train", str(init), text_encoder=str(sd14 / "text_encoder")).tokenizer == str(
+        init / "tokenizer")  # the root's comes first, as in the reference
+    lone = make_root(tmp_path / "lone", parts=("text_encoder",), unet_config=False)
+    with pytest.raises(ValueError, match=r"--tokenizer_name is required \(or a --pretrained_model_name_or_path "
+                                         r"with tokenizer/, or a tokenizer/ beside the text encoder\)"):
+        resolve_components("train", None, vae=str(sd14 / "vae"), text_encoder=str(lone / "text_encoder"),
+                           unet=str(init / "unet_config.json"))
+
+
+def test_eval_text_encoder_copy_beside_the_unet_is_the_roots_own(tmp_path, init):
+    """A finished run's folder holds a byte-for-byte copy of the untrained text encoder beside unet/: the same
+    encoder (sha256 of its weight files), not a trained one; one changed byte makes it a trained one."""
+    run = tmp_path / "run"
+    make_unet(run / "unet")
+    shutil.copytree(os.path.join(TINY_INIT, "text_encoder"), run / "text_encoder")
+    c = resolve_components("eval", str(init), unet=str(run / "unet"))
+    assert c.text_encoder == str(init / "text_encoder")
+    weights = run / "text_encoder" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="holds a trained text_encoder/"):
+        resolve_components("eval", str(init), unet=str(run / "unet"))

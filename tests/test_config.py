@@ -48,6 +48,10 @@ def test_flags_are_generated_from_the_fields(tmp_path):
     (c,) = parse_args([Args], [str(path)])  # a single .json argument holds the flags
     assert c.name == "from-json" and c.flag
     assert "--sizes" in build_parser([Args]).format_help()
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        parse_args([Args], [str(bad)])
 
 
 @pytest.mark.unit

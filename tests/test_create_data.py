@@ -48,7 +48,8 @@ def test_round_trip_and_outputs(tmp_path, gz):
         assert (p["bytes"], p["sha256"]) == (os.path.getsize(p["path"]), sha256_file(p["path"]))
     assert {"created_by", "arguments", "rejects_by_reason", "num_repeat", "duration_s"} <= set(m)
     assert read_rejects(out) == []
-    assert not [f for f in os.listdir(os.path.join(out, "laion400m_format_data")) if f.endswith(".tmp")]
+    assert not [f for f in part_files(out) if f.endswith(".tmp")]
+    assert os.listdir(os.path.join(out, "laion400m_format_data")) == ["custom_dataset"]  # its own folder
 
 
 @pytest.mark.unit
@@ -107,7 +108,9 @@ def test_every_reject_reason(tmp_path):
     assert [(r["source"], r["line"], r["reason"]) for r in rejects] == expected
     assert all(r["detail"] for r in rejects)
     assert [r["index"] for r in rejects] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 18]
-    assert {r for _, _, r in expected} == set(ic.REASONS) - {ic.IMAGE_UNREADABLE}  # see test_unreadable_image
+    hostile = {ic.LINE_TOO_LONG, ic.CAPTION_BAD_UNICODE, ic.NOT_A_FILE, ic.IMAGE_TOO_LARGE, ic.RECORD_EXCEPTION}
+    # image_unreadable: test_unreadable_image; the others: tests/test_create_data_hostile.py
+    assert {r for _, _, r in expected} == set(ic.REASONS) - {ic.IMAGE_UNREADABLE} - hostile
     assert read_dataset(out) == good
     # Every input record ends in exactly one place; blank lines are not records.
     assert m["input_records"] == 19 == m["records_written"] + m["records_rejected"]
@@ -322,6 +325,7 @@ def test_resolved_run_is_frozen_and_is_what_the_manifest_records(tmp_path, monke
     assert m["settings"] == cfg.part_settings() and m["settings"]["image_root"] == str(tmp_path / "in")
     assert set(m["settings"]) == {"caption_key", "image_key", "per_part_file_num", "save_gzip_file", "gzip_level",
                                   "allow_outside_root", "allow_empty_caption", "max_image_pixels", "min_image_size",
-                                  "max_side", "jpeg_quality", "num_shards", "shard_id", "image_root"}
+                                  "max_side", "jpeg_quality", "num_shards", "shard_id", "image_root",
+                                  "max_image_bytes", "max_line_bytes"}
     with open(os.path.join(cfg.output_path, "custom_dataset.journal.jsonl")) as f:
         assert json.loads(f.readline())["settings"] == m["settings"]

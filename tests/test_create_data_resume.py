@@ -14,7 +14,7 @@ from helpers import (ENTRY, ROOT, cli, create, filelist_names, good_corpus, imag
 from data_tools.create_outputs import CreateDataError
 from data_tools.part_format import read_filelist
 
-DATA = "laion400m_format_data"
+DATA = os.path.join("laion400m_format_data", "custom_dataset")  # the parts folder of the default name
 
 
 def _corpus_with_rejects(folder: str, n: int) -> str:
@@ -43,9 +43,10 @@ def test_resume_rewrites_only_what_is_missing(tmp_path):
     # lost although its journal line landed.
     journal = os.path.join(out, "custom_dataset.journal.jsonl")
     lines = open(journal, "rb").read().splitlines(keepends=True)
-    assert len(lines) == 1 + 5  # header + one line per block
+    assert len(lines) == 1 + 2 * 5  # header + per block: its "writing" line, then its completion line
+    assert lines[9] == b'{"writing":"part-000005.gz"}\n'
     with open(journal, "wb") as f:
-        f.write(b"".join(lines[:5]) + lines[5][: len(lines[5]) // 2])
+        f.write(b"".join(lines[:10]) + lines[10][: len(lines[10]) // 2])
     os.remove(os.path.join(data, "part-000004.gz"))
     os.rename(os.path.join(data, "part-000005.gz"), os.path.join(data, "part-000005.gz.tmp"))
     with open(os.path.join(data, "part-000005.gz.tmp"), "r+b") as f:

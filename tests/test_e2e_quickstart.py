@@ -45,6 +45,10 @@ def test_quickstart_trains_a_model_that_follows_color_captions(tmp_path):
     run(["sh", "train.sh", *preset_flags(file_list=file_list, output_dir=out)])
     assert (out / "unet" / "config.json").exists() and (out / "checkpoint-600" / ".complete").exists()
     assert (out / "samples" / "step-0000600_samples_cfg7.5.png").exists()
+    assert (out / "model_index.json").exists()  # a finished run is a pipeline folder
+
+    # The quickstart's eval command: the run's text_encoder/ beside unet/ is a byte copy of the init's, so it is
+    # the same encoder (sd/components.py), and the run's scheduler/ (v-prediction) wins over the init's.
 
     run([PY, "eval.py", "--model_dir", TINY_INIT, "--unet_path", str(out / "unet"), "--prompt",
          "a red circle at the top left", "--guidance_scales", "1", "7.5", "--num_inference_steps", "10",

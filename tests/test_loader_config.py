@@ -31,7 +31,13 @@ def file_list(tmp_path):
     ("min_image_size", -1, ValueError, "--min_image_size must be >= 0, got -1"),
     ("caption_dropout_prob", 1.5, ValueError, r"--caption_dropout_prob must be in \[0, 1\], got 1.5"),
     ("caption_dropout_prob", -0.1, ValueError, r"--caption_dropout_prob must be in \[0, 1\], got -0.1"),
-    ("shuffle_buffer_size", 0, ValueError, "--shuffle_buffer_size must be >= 1, got 0"),
+    ("buffer_size", 0, ValueError, r"--buffer_size \(--shuffle_buffer_size\) must be >= 1, got 0"),
+    ("shuffle_every_n_samples", 0, ValueError, "--shuffle_every_n_samples must be >= 1, got 0"),
+    ("num_records", -1, ValueError, "--num_records must be >= 0, got -1"),
+    ("max_consecutive_skips", 0, ValueError, "--max_consecutive_skips must be >= 1, got 0"),
+    ("max_line_bytes", 10, ValueError, "--max_line_bytes must be >= 1024, got 10"),
+    ("max_image_pixels", 0, ValueError, r"--max_image_pixels must be in \[1, 178956970\], got 0"),
+    ("max_image_pixels", 10 ** 9, ValueError, r"--max_image_pixels must be in \[1, 178956970\]"),
 ])
 def test_each_bad_value_is_one_clear_error(file_list, field, value, error, message):
     kw = {"file_list": file_list, field: value}
@@ -44,13 +50,31 @@ def test_defaults_are_training_defaults_and_the_flags_are_generated(file_list):
     data, = parse_args((DataArguments,), ["--file_list", file_list])
     assert data == DataArguments(file_list)
     assert (data.resolution, data.data_format, data.interpolation, data.center_crop, data.random_flip,
-            data.min_image_size, data.caption_dropout_prob, data.shuffle_buffer_size) == (
+            data.min_image_size, data.caption_dropout_prob, data.buffer_size) == (
         512, None, "lanczos", False, False, 0, 0.1, 256)
     data, = parse_args((DataArguments,), ["--file_list", file_list, "--center_crop", "--random_flip", "True",
                                           "--interpolation", "nearest", "--resolution", "64"])
     assert data.center_crop and data.random_flip and data.interpolation == "nearest" and data.resolution == 64
     with pytest.raises(SystemExit):  # argparse's choices, before the dataclass sees the value
         parse_args((DataArguments,), ["--file_list", file_list, "--interpolation", "area"])
+    assert data.notices() == ()
+
+
+def test_the_reference_data_flags_are_accepted_with_their_meaning(file_list):
+    """sd_args.py's SDDataArguments: --buffer_size is our shuffle buffer (--shuffle_buffer_size still works, the
+    same field), --shuffle_every_n_samples, --num_records (accepted, ignored with a notice), and every
+    interpolation paddle.vision.transforms.Resize takes."""
+    for flag in ("--buffer_size", "--shuffle_buffer_size"):
+        data, = parse_args((DataArguments,), ["--file_list", file_list, flag, "100"])
+        assert data.buffer_size == 100 and data == DataArguments(file_list, buffer_size=100)
+    data, = parse_args((DataArguments,), ["--file_list", file_list, "--num_records", "10000000",
+                                          "--shuffle_every_n_samples", "5"])
+    assert data.shuffle_every_n_samples == 5 and data.num_records == 10000000
+    (notice,) = data.notices()
+    assert "--num_records 10000000" in notice and "ignored" in notice and "\n" not in notice
+    for name in ("nearest", "bilinear", "bicubic", "box", "lanczos", "hamming"):
+        data, = parse_args((DataArguments,), ["--file_list", file_list, "--interpolation", name])
+        assert data.interpolation == name
 
 
 def test_a_replaced_variant_is_validated_and_leaves_the_original_alone(tmp_path, file_list):
@@ -70,7 +94,7 @@ def test_a_replaced_variant_is_validated_and_leaves_the_original_alone(tmp_path,
 
 def test_the_dataset_reads_its_settings_from_the_data_arguments(tmp_path):
     fl, _ = simple_dataset(str(tmp_path), [("a", 1, 4, None)], res_size=(24, 20))
-    data = DataArguments(fl, resolution=16, center_crop=True, caption_dropout_prob=0.0, shuffle_buffer_size=2)
+    data = DataArguments(fl, resolution=16, center_crop=True, caption_dropout_prob=0.0, buffer_size=2)
     ds = TextImageDataset(data, None, 1, seed=5)
     assert ds.data is data and ds.transform.data is data and ds.open_stream(0).cfg.data is data
     sample = next(ds.iter_samples(0))

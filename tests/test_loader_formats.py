@@ -35,7 +35,7 @@ def test_reads_laion400m_and_laion_aes_plain_and_gzip(tmp_path):
     entries = [(write_source(str(tmp_path), "c400m", [plain_400m]), 1.0),
                (write_source(str(tmp_path), "aes", [aes[:2], aes[2:]], gzipped=True, data_format="laion_aes"), 1.0)]
     fl = write_filelist_list(os.path.join(tmp_path, "mix.filelist.list"), entries)
-    ds = TextImageDataset(DataArguments(fl, resolution=16, shuffle_buffer_size=1, caption_dropout_prob=0.0),
+    ds = TextImageDataset(DataArguments(fl, resolution=16, buffer_size=1, caption_dropout_prob=0.0),
                           None, 1, seed=42)
     assert [s.data_format for s in ds.sources] == ["laion400m", "laion_aes"]  # aes from its manifest
     samples = _captions(ds, 60)

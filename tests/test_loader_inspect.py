@@ -89,7 +89,7 @@ def test_parser_accepts_every_flag_it_accepted_before(tmp_path):
     data, inspect = parse_args((DataArguments, inspect_data.InspectArguments), argv)
     assert data == DataArguments(fl, resolution=256, data_format="laion_aes", interpolation="bicubic",
                                  center_crop=True, random_flip=True, min_image_size=4, caption_dropout_prob=0.2,
-                                 shuffle_buffer_size=8)
+                                 buffer_size=8)
     assert inspect == inspect_data.InspectArguments(str(tmp_path / "o"), num_samples=3, seed=7,
                                                     tokenizer=str(tmp_path / "tok"), model_max_length=12)
     data, inspect = parse_args((DataArguments, inspect_data.InspectArguments),

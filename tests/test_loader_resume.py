@@ -16,7 +16,7 @@ from data_tools.part_format import encode_record
 from helpers import open_loader, records, tiny_clip_tokenizer, write_filelist_list, write_source
 from trainer.loader.loader_state import LoaderStateTracker
 from trainer.loader.config import DataArguments
-from trainer.loader.text_image_dataset import TextImageDataset, load_json
+from trainer.loader.text_image_dataset import TextImageDataset, load_state_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +32,7 @@ def _dataset(root: str) -> str:
 
 
 def _cfg(fl: str, **kw) -> DataArguments:
-    return DataArguments(fl, resolution=8, shuffle_buffer_size=5, random_flip=True, **kw)
+    return DataArguments(fl, resolution=8, buffer_size=5, random_flip=True, **kw)
 
 
 def _digest(batch: dict) -> str:
@@ -85,7 +85,7 @@ def test_resume_sees_exactly_the_batches_of_an_uninterrupted_run(tmp_path, worke
     assert head == full[:stop]
     path = tmp_path / "loader_state_rank0.json"
     path.write_text(json.dumps(tracker.state_dict()))  # through JSON, as the Trainer saves it
-    tail, resumed = _run(fl, 14 - stop, workers, state=load_json(str(path)), **kw)
+    tail, resumed = _run(fl, 14 - stop, workers, state=load_state_file(str(path)), **kw)
     assert tail == full[stop:]
     assert resumed.batches_consumed == 14
     # Counters are cumulative across the resume and equal those of the uninterrupted run.

@@ -67,7 +67,7 @@ def test_bad_records_are_skipped_and_counted_by_reason(tmp_path):
 @pytest.mark.smoke
 def test_counters_travel_through_dataloader_workers(tmp_path):
     fl = _bad_dataset(str(tmp_path))
-    ds = TextImageDataset(DataArguments(fl, resolution=8, min_image_size=8, shuffle_buffer_size=4), None, 4,
+    ds = TextImageDataset(DataArguments(fl, resolution=8, min_image_size=8, buffer_size=4), None, 4,
                           num_workers=2, seed=42)
     tracker = LoaderStateTracker(ds)
     with open_loader(ds) as batches:
@@ -129,7 +129,7 @@ def test_missing_files_and_bad_config_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="part-000000"):
         TextImageDataset(cfg, None, 1, seed=42)
     for field, value in (("resolution", 0), ("interpolation", "area"), ("caption_dropout_prob", 1.5),
-                         ("shuffle_buffer_size", 0), ("min_image_size", -1), ("data_format", "webdataset")):
+                         ("buffer_size", 0), ("min_image_size", -1), ("data_format", "webdataset")):
         with pytest.raises(ValueError, match=field):
             DataArguments(fl, **{field: value})
     # The seed and the tokenizer's length belong to the training and model arguments: passed, and checked, here.

@@ -113,7 +113,7 @@ def test_real_parts_cover_each_record_once_per_epoch(tmp_path, n_parts, world, w
 @pytest.mark.unit
 def test_dataset_stream_honours_source_weights(tmp_path):
     fl, _ = simple_dataset(str(tmp_path), [("a", 2, 10, 0.75), ("b", 1, 10, 0.25)], res_size=(8, 8))
-    ds = TextImageDataset(DataArguments(fl, resolution=8, shuffle_buffer_size=16, caption_dropout_prob=0.0),
+    ds = TextImageDataset(DataArguments(fl, resolution=8, buffer_size=16, caption_dropout_prob=0.0),
                           None, 1, seed=42)
     it = ds.iter_samples(0)
     n = 1200
@@ -129,7 +129,7 @@ def test_one_part_trains_on_two_ranks_of_three_workers(tmp_path):
     """The reference hung with fewer parts than workers; here every worker of every rank yields batches."""
     fl, _ = simple_dataset(str(tmp_path), [("one", 1, 9, None)], res_size=(8, 8))
     for rank in range(2):
-        ds = TextImageDataset(DataArguments(fl, resolution=8, shuffle_buffer_size=2), None, 2, rank, 2, 3, seed=42)
+        ds = TextImageDataset(DataArguments(fl, resolution=8, buffer_size=2), None, 2, rank, 2, 3, seed=42)
         with open_loader(ds) as batches:
             states = [json.loads(next(batches)["loader_state"]) for _ in range(6)]
         assert [s["global_worker"] for s in states] == [3 * rank + w for w in (0, 1, 2, 0, 1, 2)]

@@ -1,4 +1,7 @@
-"""The model wrapper on the tiny init: from-scratch init, frozen parts, EMA swap, the non-finite step guard."""
+"""The model wrapper on the tiny init: from-scratch init, frozen parts, EMA swap, the non-finite step guard, what
+a checkpoint saves and the pipeline folder a finished run leaves."""
+import os
+
 import numpy as np
 import paddle
 import pytest
@@ -7,8 +10,8 @@ from ppdiffusers.models.transformer_2d import Transformer2DModel
 
 from helpers import TINY_INIT
 from sd.args import ModelArguments
-from sd.components import resolve_components
-from sd.model import LatentDiffusionModel
+from sd.components import resolve_components, same_weights
+from sd.model import EMA_VARIANT, LatentDiffusionModel, save_pipeline_folder
 from trainer.streaming_trainer import GuardedAdamW
 
 pytestmark = pytest.mark.unit
@@ -96,3 +99,37 @@ def test_fused_linear_keeps_layers_and_parameters():
     layers = dict(m.unet.named_sublayers())
     assert all(isinstance(layers[n], FusedLinearForward) and isinstance(layers[n], nn.Linear) for n in linears)
     assert m.enable_fused_linear() == 0  # idempotent
+
+
+def test_checkpoint_layout_and_finished_run_is_a_pipeline_folder(model, tmp_path):
+    """save_trained writes the trained parts (EMA as unet/'s "ema" variant, the reference's way, and as
+    unet_ema/); save_pipeline_folder adds the untouched parts byte for byte and model_index.json."""
+    from ppdiffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    out = tmp_path / "run"
+    model.save_trained(str(out), only_updated=True)
+    assert sorted(os.listdir(out)) == ["scheduler", "unet", "unet_ema"]  # only what training changed
+    assert sorted(os.listdir(out / "unet")) == ["config.json", f"diffusion_paddle_model.{EMA_VARIANT}.safetensors",
+                                                "diffusion_paddle_model.safetensors"]
+    key = "conv_out.weight"
+    with model.ema_scope():
+        ema = model.unet.state_dict()[key].numpy()
+    trained = model.unet.state_dict()[key].numpy()
+    assert not np.array_equal(ema, trained)
+    loaded = UNet2DConditionModel.from_pretrained(str(out / "unet"), variant=EMA_VARIANT).state_dict()[key].numpy()
+    np.testing.assert_array_equal(loaded, ema)
+    np.testing.assert_array_equal(
+        UNet2DConditionModel.from_pretrained(str(out / "unet_ema")).state_dict()[key].numpy(), ema)
+    np.testing.assert_array_equal(UNet2DConditionModel.from_pretrained(str(out / "unet")).state_dict()[key].numpy(),
+                                  trained)
+
+    parts = resolve_components("train", TINY_INIT)
+    save_pipeline_folder(model, parts, str(out))
+    save_pipeline_folder(model, parts, str(out))  # a second finish (a resumed run) replaces, never nests
+    for name in ("vae", "text_encoder", "tokenizer"):
+        assert sorted(os.listdir(out / name)) == sorted(os.listdir(os.path.join(TINY_INIT, name))), name
+    assert same_weights(str(out / "text_encoder"), os.path.join(TINY_INIT, "text_encoder"))
+    pipe = StableDiffusionPipeline.from_pretrained(str(out))
+    assert pipe.scheduler.config.prediction_type == model.prediction_type
+    assert DDIMScheduler.from_config(pipe.scheduler.config).config.prediction_type == model.prediction_type
+    np.testing.assert_array_equal(pipe.unet.state_dict()[key].numpy(), trained)

@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from trainer.loader.resample import (FILTERS, PILLOW_FILTERS, _bicubic, _bilinear, _lanczos, axis_plan, num_blocks,
-                              resample_crop, single_thread_blas)
+from trainer.loader.resample import (FILTERS, PILLOW_FILTERS, _bicubic, _bilinear, _box, _hamming, _lanczos,
+                                     axis_plan, num_blocks, resample_crop, single_thread_blas)
 
-SUPPORT = {"lanczos": 3.0, "bicubic": 2.0, "bilinear": 1.0}
+SUPPORT = {"lanczos": 3.0, "bicubic": 2.0, "bilinear": 1.0, "box": 0.5, "hamming": 1.0}
 
 
 def _filter64(kind: str, x: float) -> float:
@@ -23,6 +23,15 @@ def _filter64(kind: str, x: float) -> float:
         if x < 1.0:
             return ((a + 2.0) * x - (a + 3.0)) * x * x + 1
         return (((x - 5) * x + 8) * x - 4) * a if x < 2.0 else 0.0
+    if kind == "box":
+        return 1.0 if -0.5 < x <= 0.5 else 0.0
+    if kind == "hamming":
+        x = abs(x)
+        if x >= 1.0:
+            return 0.0
+        # The window's constants are C float literals (0.54f, 0.46f) in Pillow.
+        return 1.0 if x == 0.0 else math.sin(math.pi * x) / (math.pi * x) * (
+            float(np.float32(0.54)) + float(np.float32(0.46)) * math.cos(math.pi * x))
     return max(0.0, 1.0 - abs(x))
 
 
@@ -146,6 +155,10 @@ def test_filters_and_plans():
     np.testing.assert_allclose(_lanczos(x), [_filter64("lanczos", v) for v in x], atol=1e-6)
     np.testing.assert_allclose(_bicubic(x), [_filter64("bicubic", v) for v in x], atol=1e-6)
     np.testing.assert_allclose(_bilinear(x), [_filter64("bilinear", v) for v in x], atol=1e-6)
+    x = np.concatenate([x, [-0.5, 0.5, -0.999, 0.999, 1e-9]])  # box's half-open edges, hamming's ends
+    np.testing.assert_allclose(_box(x), [_filter64("box", v) for v in x], atol=0)
+    np.testing.assert_allclose(_hamming(x), [_filter64("hamming", v) for v in x], atol=1e-7)
+    assert set(FILTERS) == set(PILLOW_FILTERS) == {"nearest", "bilinear", "bicubic", "box", "lanczos", "hamming"}
     assert num_blocks(256) == 16 and num_blocks(512) == 16 and num_blocks(128) == 8 and num_blocks(37) == 1
     plan = axis_plan(450, 20.3, 320.3, 256, "lanczos", 16)
     assert plan.weights.shape[0] == 16 and plan.start + plan.span >= 320

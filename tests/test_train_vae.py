@@ -54,3 +54,28 @@ def test_vae_arguments_are_explicit(tmp_path, demo_file_list):
                            (["--vae_name_or_path", "sd/tiny_init/vea"], "no such folder")]:
         proc = subprocess.run(base + extra, capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode != 0 and message in proc.stderr, (extra, proc.stderr[-2000:])
+
+
+def test_vae_resume_is_exact_through_the_json_rng_state(tmp_path, demo_file_list):
+    """The VAE's posterior sample draws from paddle's generator, so only a restored RNG state (rng_state.json,
+    no pickle) makes 2 + resume + 2 steps equal 4 straight."""
+    from safetensors.numpy import load_file
+
+    def run(out, steps):
+        cmd = [PY, os.path.join(ROOT, "train_vae.py"), "--vae_config",
+               os.path.join(ROOT, "sd", "configs", "vae_tiny.json"), "--file_list", demo_file_list,
+               "--resolution", "32", "--output_dir", str(out), "--max_steps", str(steps), "--save_steps", "2",
+               "--learning_rate", "1e-3", "--per_device_train_batch_size", "4", "--num_eval_images", "4",
+               "--seed", "0", "--disable_tqdm", "True", "--report_to", "none", "--dataloader_num_workers", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        return proc
+
+    run(tmp_path / "straight", 4)
+    run(tmp_path / "resumed", 2)
+    assert (tmp_path / "resumed" / "checkpoint-2" / "rng_state.json").exists()
+    assert "resumed weights and loader position" in run(tmp_path / "resumed", 4).stderr
+    a, b = (load_file(str(tmp_path / r / "checkpoint-4" / "vae" / "diffusion_paddle_model.safetensors"))
+            for r in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -37,8 +37,9 @@ class ImageLoggingCallback(TrainerCallback):
 
     def __init__(self, tokenizer, resolution: int, prompts, num_inference_steps: int, seed: int = 0,
                  num_recon: int = 4, visualdl: Optional[VisualDLCallback] = None):
-        """`visualdl`: the Trainer's own VisualDL callback (None when --report_to has no visualdl); images go to
-        the writer it opens at train begin, beside the scalars."""
+        """`visualdl`: the Trainer's own VisualDL callback (None when --report_to has no visualdl; the reference's
+        custom_visualdl resolves to visualdl, sd/args.py); images go to the writer it opens at train begin,
+        beside the scalars."""
         self.tokenizer, self.resolution, self.prompts = tokenizer, resolution, list(prompts)
         self.steps, self.seed, self.num_recon = num_inference_steps, seed, num_recon
         self.visualdl = visualdl
@@ -50,7 +51,7 @@ class ImageLoggingCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         n = args.image_logging_steps
-        if not n or state.global_step % n or not state.is_world_process_zero:
+        if n <= 0 or state.global_step % n or not state.is_world_process_zero:
             return
         rng = paddle.get_rng_state()
         try:

@@ -3,7 +3,7 @@
 Two models train through trainer/streaming_trainer.StreamingTrainer: the UNet wrapper (sd/model.py) and the VAE
 stage (sd/vae_model.py). `TrainableModel` is the whole of what the Trainer asks of them, checked when the Trainer
 is built. The Trainer subclass also overrides a few of paddlenlp's *private* methods (saving, checkpoint rotation,
-resume); those were written against one paddlenlp version, so `check_paddlenlp_private_api` refuses, at start and
+resume, and the loading of optimizer, scheduler and RNG state, which paddlenlp unpickles); those were written against one paddlenlp version, so `check_paddlenlp_private_api` refuses, at start and
 in one line, a paddlenlp whose version or method signatures differ, instead of failing mid-run at the first save.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ PADDLENLP_PRIVATE_API: Dict[str, Tuple[str, ...]] = {
     "_save_checkpoint": ("self", "model", "metrics"),
     "_rotate_checkpoints": ("self", "use_mtime", "output_dir"),
     "_load_from_checkpoint": ("self", "resume_from_checkpoint"),
+    "_load_optimizer_and_scheduler": ("self", "checkpoint"),
     "_load_rng_state": ("self", "checkpoint"),
     "_get_learning_rate": ("self",),
 }
@@ -37,10 +38,12 @@ class TrainableModel(Protocol):
         """The trained weights, in the layout ppdiffusers' from_pretrained loads."""
 
     def save_resume_state(self, checkpoint: str) -> None:
-        """Whatever else an exact resume needs (EMA shadow weights), beside the Trainer's own state."""
+        """Whatever else an exact resume needs (EMA shadow weights), beside the Trainer's own state; safetensors
+        or JSON only (trainer/checkpoint.py refuses a checkpoint holding pickles)."""
 
-    def load_trained(self, checkpoint: str) -> None:
-        """Weights (and resume state) of a checkpoint of this recipe, into the already-built model."""
+    def load_trained(self, checkpoint: str, trust_pickled: bool = False) -> None:
+        """Weights (and resume state) of a verified checkpoint of this recipe, into the already-built model;
+        pickled files are refused unless `trust_pickled` (--trust_pickled_checkpoint)."""
 
     def on_train_batch_end(self) -> None:
         """After every optimizer step (the EMA update)."""

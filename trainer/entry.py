@@ -1,5 +1,6 @@
 """What both training entries (train.py, train_vae.py) do before training: logging the resolved config and its
-device notices, where to resume, and the streaming dataset from the typed arguments."""
+device notices, where to resume (checked before anything loads), and the streaming dataset from the typed
+arguments."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +8,7 @@ import os
 from typing import Optional
 
 from sd.config import format_config
-from trainer.streaming_trainer import last_complete_checkpoint
+from trainer import checkpoint as ckpt
 from trainer.loader.config import DataArguments
 from trainer.loader.text_image_dataset import TextImageDataset
 
@@ -24,22 +25,51 @@ def log_run_config(run) -> None:
 
 
 def resolve_checkpoint(args) -> Optional[str]:
-    """What to resume from. Like the reference: an explicit --resume_from_checkpoint wins; otherwise the newest
-    complete checkpoint in output_dir; a non-empty output_dir without one is an error unless
-    --overwrite_output_dir."""
+    """What to resume from, checked at start (names, sizes and formats of its files against its marker; the
+    sha256 of each is checked when it loads). An explicit --resume_from_checkpoint wins; otherwise the newest
+    complete checkpoint in output_dir. A non-empty output_dir without one is an error unless
+    --overwrite_output_dir, which starts over: the run then removes the old checkpoints before its first step
+    (StreamingTrainer.train), so that a later resume can never pick up one of the earlier run's. Resuming an
+    older checkpoint while output_dir holds later ones, or checkpoints of another run, needs that flag too."""
+    trust = ckpt.trusts_pickles(args)
+    ckpt.check_output_dir(args.output_dir)
     if args.resume_from_checkpoint:
-        if not os.path.isdir(args.resume_from_checkpoint):
-            raise FileNotFoundError(f"--resume_from_checkpoint: no such folder: {args.resume_from_checkpoint}")
-        return args.resume_from_checkpoint
-    if not os.path.isdir(args.output_dir) or args.overwrite_output_dir:
+        path = args.resume_from_checkpoint
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--resume_from_checkpoint: no such folder: {path}")
+        try:
+            ckpt.verify_checkpoint(path, trust, hashes=False)
+        except ckpt.CheckpointError as e:
+            raise ckpt.CheckpointError(f"--resume_from_checkpoint: {e}") from None
+        others = ckpt.checkpoints_not_continued(args.output_dir, path)
+        if others and not args.overwrite_output_dir:
+            raise ValueError(
+                f"--resume_from_checkpoint {path}: {args.output_dir} also holds "
+                f"{', '.join(os.path.basename(p) for p in others)}, which this run does not continue; its "
+                "checkpoints would sit beside them and a rerun could resume from the wrong one. Pass "
+                "--overwrite_output_dir to remove them first")
+        _log_removal(args, others)
+        return path
+    if not os.path.isdir(args.output_dir):
         return None
-    last = last_complete_checkpoint(args.output_dir)
+    if args.overwrite_output_dir:
+        _log_removal(args, ckpt.checkpoints_not_continued(args.output_dir, None))
+        return None
+    last = ckpt.last_complete_checkpoint(args.output_dir)
     if last is None and os.listdir(args.output_dir):
         raise ValueError(f"Output directory ({args.output_dir}) already exists and is not empty, and holds no "
-                         "complete checkpoint. Use --overwrite_output_dir to train over it.")
+                         "complete checkpoint. Use --overwrite_output_dir to train over it (or remove it).")
     if last is not None:
+        ckpt.verify_checkpoint(last, trust, hashes=False)
         logger.info("resuming from the newest complete checkpoint: %s", last)
     return last
+
+
+def _log_removal(args, paths) -> None:
+    if paths and args.overwrite_output_dir:
+        logger.warning("--overwrite_output_dir: training starts %s; the checkpoints it does not continue are "
+                       "removed before the first step: %s", "over" if not args.resume_from_checkpoint else
+                       f"from {args.resume_from_checkpoint}", ", ".join(paths))
 
 
 def build_dataset(data_args: DataArguments, training_args, tokenizer=None, model_max_length: Optional[int] = None,

@@ -3,7 +3,9 @@
 What it adds to the Trainer, and nothing more:
 - the streaming loader and its exact position, saved per rank in every checkpoint and restored on resume;
 - checkpoints through the model wrapper's save_trained/save_resume_state/load_trained hooks (for the UNet: the
-  layout StableDiffusionPipeline.from_pretrained loads, unet/, unet_ema/, text_encoder/, plus the EMA state);
+  layout StableDiffusionPipeline.from_pretrained loads, unet/, unet_ema/, text_encoder/, plus the EMA state),
+  written whole and renamed when complete, verified file by file before a resume, with the optimizer, LR
+  scheduler and RNG state as safetensors and JSON instead of the Trainer's pickles (trainer/checkpoint.py);
 - an AdamW that skips a step whose gradients are not finite, counts it, and stops after N in a row;
 - per-component learning rates (the wrapper's param_groups) and the loader's skip counters in the training log.
 
@@ -12,23 +14,22 @@ version the overrides of its private methods (the marked section below) were wri
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional
 
 import paddle
 import paddlenlp
 from paddlenlp.trainer import Trainer
 
 from data_tools.fileio import write_json_atomic
+from trainer import checkpoint as ckpt
 from trainer.contract import check_model, check_paddlenlp_private_api
+from trainer.loader.loader_state import load_state_file
 from trainer.loader.text_image_dataset import LoaderStateTracker, build_dataloader
 
 logger = logging.getLogger("sd")
-
-COMPLETE_MARKER = ".complete"
 
 
 def loader_state_file(checkpoint: str, rank: int) -> str:
@@ -141,9 +142,20 @@ class StreamingTrainer(Trainer):
         if self.run_config is not None and self.args.should_save:
             self.run_config.save(folder)
 
+    def train(self, resume_from_checkpoint=None, ignore_keys_for_eval=None):
+        """Before the first step, rank 0 removes the checkpoints of output_dir this run does not continue, when
+        --overwrite_output_dir asks for it (trainer/entry.py resolve_checkpoint refuses the start otherwise): a
+        later resume can then never pick up a checkpoint of another run."""
+        if self.args.should_save and self.args.overwrite_output_dir:
+            ckpt.remove_folders(ckpt.checkpoints_not_continued(self.args.output_dir, resume_from_checkpoint) +
+                                ckpt.leftovers(self.args.output_dir), "--overwrite_output_dir: not continued by this run")
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, ignore_keys_for_eval=ignore_keys_for_eval)
+
     # ------------------------------------------------------------------------------------------
     # paddlenlp private API. Everything below overrides (or calls) a private Trainer method; their names and
-    # signatures are checked at construction (trainer/contract.py PADDLENLP_PRIVATE_API).
+    # signatures are checked at construction (trainer/contract.py PADDLENLP_PRIVATE_API). The Trainer's own
+    # versions write and read optimizer, scheduler and RNG state with paddle.save/paddle.load (pickle); these
+    # write and read them as safetensors and JSON (trainer/checkpoint.py).
     # ------------------------------------------------------------------------------------------
     def _save(self, output_dir: Optional[str] = None, state_dict=None, merge_tensor_parallel=False):
         output_dir = output_dir or self.args.output_dir
@@ -151,77 +163,127 @@ class StreamingTrainer(Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         self.model.save_trained(output_dir, self.args.only_save_updated_model, getattr(self, "sd_tokenizer", None))
-        paddle.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        paddle.save(self.args, os.path.join(output_dir, "training_args.bin"))  # the Trainer's record; never read
 
     def _save_checkpoint(self, model, metrics=None):
-        checkpoint = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
-        os.makedirs(checkpoint, exist_ok=True)
-        # Every rank writes its own loader position (shared storage: see README, multi-node).
-        write_json_atomic(loader_state_file(checkpoint, self.args.dataset_rank), self.loader_tracker.state_dict())
-        if self.args.should_save:
-            self.model.save_resume_state(checkpoint)
-        self.save_run_config(checkpoint)
-        super()._save_checkpoint(model, metrics)
-        if self.args.should_save:  # written last: a checkpoint without it was interrupted mid-save
-            open(os.path.join(checkpoint, COMPLETE_MARKER), "w").close()
-            self._rotate_complete_checkpoints()
+        """checkpoint-N, written whole into checkpoint-N.tmp-PID by rank 0 and renamed when complete. Every
+        rank's loader position and RNG state reach rank 0 through one gather: one writer, and no wait for other
+        nodes' files to show on shared storage."""
+        step = self.state.global_step
+        mine = {"dataset_rank": self.args.dataset_rank, "loader": self.loader_tracker.state_dict(),
+                "rng": ckpt.rng_state_now()}
+        everyone = [mine]
+        if self.args.world_size > 1:
+            everyone = []
+            paddle.distributed.all_gather_object(everyone, mine)
+        if not self.args.should_save:
+            return
+        final = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+        tmp = ckpt.begin(final)
+        try:
+            self.model.save_trained(tmp, self.args.only_save_updated_model, getattr(self, "sd_tokenizer", None))
+            self.model.save_resume_state(tmp)
+            for entry in {e["dataset_rank"]: e for e in everyone}.values():
+                write_json_atomic(loader_state_file(tmp, entry["dataset_rank"]), entry["loader"])
+            write_json_atomic(os.path.join(tmp, ckpt.RNG_FILE), {"format": "sd_rng_state", "world_size": len(
+                everyone), "ranks": [e["rng"] for e in everyone]})
+            extra = {}
+            if isinstance(self.optimizer, GuardedAdamW):
+                extra = {"nonfinite_skipped": self.optimizer.nonfinite_skipped,
+                         "nonfinite_in_a_row": self.optimizer.nonfinite_in_a_row}
+            ckpt.optimizer_to_file(self.optimizer.state_dict(), os.path.join(tmp, ckpt.OPTIMIZER_FILE), extra)
+            ckpt.write_state_json(os.path.join(tmp, ckpt.LR_SCHEDULER_FILE), self.lr_scheduler.state_dict(),
+                                  "lr_scheduler")
+            if self.do_grad_scaling:
+                ckpt.write_state_json(os.path.join(tmp, ckpt.GRAD_SCALER_FILE), self.scaler.state_dict(),
+                                      "grad_scaler")
+            self.state.save_to_json(os.path.join(tmp, ckpt.TRAINER_STATE_FILE))
+            self.save_run_config(tmp)
+            ckpt.publish(tmp, final, step)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind, even on Ctrl-C
+            raise
+        self._rotate_complete_checkpoints()
 
     def _rotate_checkpoints(self, use_mtime=False, output_dir=None) -> None:
-        """The Trainer rotates by directory mtime (fragile on network filesystems) before our checkpoint is
-        marked complete; we rotate in _rotate_complete_checkpoints instead."""
+        """The Trainer rotates by directory mtime (fragile on network filesystems); we rotate by step in
+        _rotate_complete_checkpoints instead."""
 
     def _rotate_complete_checkpoints(self) -> None:
         """Keep the newest --save_total_limit complete checkpoints (by step); delete everything older, including
-        interrupted saves. Only the world's rank 0 deletes: output_dir is shared storage."""
+        interrupted saves, and the folders of killed saves. Only the world's rank 0 deletes: output_dir is shared
+        storage."""
+        ckpt.remove_folders([p for p in ckpt.leftovers(self.args.output_dir) if not p.endswith(f"-{os.getpid()}")],
+                            "left by a killed save")
         limit = self.args.save_total_limit
         if not limit or limit <= 0:
             return
-        done = complete_checkpoints(self.args.output_dir)
+        done = ckpt.complete_checkpoints(self.args.output_dir)
         if len(done) <= limit:
             return
         oldest_kept = done[-limit][0]
-        for step, path in checkpoint_dirs(self.args.output_dir):
-            if step < oldest_kept:
-                logger.info("deleting %s (--save_total_limit %d)", path, limit)
-                shutil.rmtree(path)
+        ckpt.remove_folders([path for step, path in ckpt.checkpoint_dirs(self.args.output_dir) if step < oldest_kept],
+                            f"--save_total_limit {limit}")
 
     def _load_from_checkpoint(self, resume_from_checkpoint=None):
         if not resume_from_checkpoint:
             return
-        self.model.load_trained(resume_from_checkpoint)
+        trust = ckpt.trusts_pickles(self.args)
+        ckpt.verify_checkpoint(resume_from_checkpoint, trust)  # every file's sha256, before anything is read
+        self.model.load_trained(resume_from_checkpoint, trust_pickled=trust)
         state_file = loader_state_file(resume_from_checkpoint, self.args.dataset_rank)
         if os.path.isfile(state_file):
-            with open(state_file, encoding="utf-8") as f:
-                self.train_dataset.load_state_dict(json.load(f))
+            self.train_dataset.load_state_dict(load_state_file(state_file))
         else:
             logger.warning("%s is missing: the data stream restarts from its beginning (resume is not exact)",
                            state_file)
         self._rng_checkpoint = resume_from_checkpoint
-        with open(os.path.join(resume_from_checkpoint, "trainer_state.json"), encoding="utf-8") as f:
-            self._micro_step = json.load(f)["global_step"] * self.args.gradient_accumulation_steps
+        state = ckpt.read_json(os.path.join(resume_from_checkpoint, ckpt.TRAINER_STATE_FILE))
+        self._micro_step = int(state["global_step"]) * self.args.gradient_accumulation_steps
         logger.info("resumed weights and loader position from %s", resume_from_checkpoint)
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is None or self.args.ignore_load_lr_and_optim:
+            return
+        path = os.path.join(checkpoint, ckpt.OPTIMIZER_FILE)
+        if not os.path.isfile(path):  # a checkpoint of an older version (pickled state), trusted or refused
+            self._legacy_pickled(checkpoint, "optimizer.pdopt", ckpt.OPTIMIZER_FILE)
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        state, extra = ckpt.optimizer_from_file(path)
+        self.optimizer.set_state_dict(state)
+        if isinstance(self.optimizer, GuardedAdamW):
+            self.optimizer.nonfinite_skipped = int(extra.get("nonfinite_skipped", 0))
+            self.optimizer.nonfinite_in_a_row = int(extra.get("nonfinite_in_a_row", 0))
+        self.lr_scheduler.set_state_dict(
+            ckpt.read_state_json(os.path.join(checkpoint, ckpt.LR_SCHEDULER_FILE), "lr_scheduler"))
+        scaler_file = os.path.join(checkpoint, ckpt.GRAD_SCALER_FILE)
+        if self.do_grad_scaling and os.path.isfile(scaler_file):
+            self.scaler.load_state_dict(ckpt.read_state_json(scaler_file, "grad_scaler"))
 
-def checkpoint_dirs(output_dir: str) -> List[Tuple[int, str]]:
-    """(step, path) of every checkpoint-N folder, oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        path = os.path.join(output_dir, name)
-        if name.startswith("checkpoint-") and name[11:].isdigit() and os.path.isdir(path):
-            found.append((int(name[11:]), path))
-    return sorted(found)
+    def _load_rng_state(self, checkpoint):
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, ckpt.RNG_FILE)
+        if not os.path.isfile(path):
+            self._legacy_pickled(checkpoint, "rng_state.pth" if self.args.world_size == 1 else
+                                 f"rng_state_{self.args.world_size}.pth", ckpt.RNG_FILE)
+            return super()._load_rng_state(checkpoint)
+        saved = ckpt.read_json(path)
+        ranks = saved.get("ranks") if isinstance(saved, dict) else None
+        if not isinstance(ranks, list) or saved.get("format") != "sd_rng_state":
+            raise ckpt.CheckpointError(f"{path} is not an RNG state file of this recipe")
+        if len(ranks) != self.args.world_size:
+            logger.warning("%s holds the RNG state of %d ranks, this run has %d: RNG not restored (resume is not "
+                           "exact)", path, len(ranks), self.args.world_size)
+            return
+        ckpt.set_rng_state(ranks[self.args.process_index], path)
 
-
-def complete_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
-    return [(n, p) for n, p in checkpoint_dirs(output_dir) if os.path.isfile(os.path.join(p, COMPLETE_MARKER))]
-
-
-def last_complete_checkpoint(output_dir: str) -> Optional[str]:
-    """The newest checkpoint-N whose save finished (has the marker); half-written ones are skipped loudly."""
-    done = complete_checkpoints(output_dir)
-    for n, path in checkpoint_dirs(output_dir):
-        if (n, path) not in done:
-            logger.warning("%s was not saved completely: ignored for resume", path)
-    return done[-1][1] if done else None
+    def _legacy_pickled(self, checkpoint: str, name: str, safe_name: str) -> None:
+        """Older checkpoints hold the Trainer's pickled state: loaded only with the trust flag."""
+        if not os.path.isfile(os.path.join(checkpoint, name)):
+            raise ckpt.CheckpointError(f"{os.path.join(checkpoint, safe_name)} is missing")
+        if not ckpt.trusts_pickles(self.args):
+            raise ckpt.CheckpointError(
+                f"{os.path.join(checkpoint, name)}: this checkpoint keeps its state pickled (an older version of "
+                f"the recipe): loading a pickle can run code; pass {ckpt.TRUST_FLAG} if you made it")
+        logger.warning("%s: loading the pickled %s of %s (trusted)", ckpt.TRUST_FLAG, name, checkpoint)

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from data_tools.fileio import write_json_atomic
 from sd.eval import sampling
 from sd.eval.args import AdherenceArguments, SamplingArguments, resolve_size
-from sd.eval.evaluation import guidance_tag, image_seed, sample_images
+from sd.eval.evaluation import guidance_folder, image_seed, sample_images
 from sd.images import grid
 from sd.tiny.demo_attributes import read_attributes
 from sd.tiny.make_demo_data import COLORS, POSITIONS, SHAPES, caption_for
@@ -109,7 +109,7 @@ def measure_adherence(pipe, sampling_args: SamplingArguments, adherence: Adheren
         records.extend(rows)
         if out is not None:
             flat = [im for per_prompt in images for im in per_prompt]
-            grid(flat, grid_cols).save(os.path.join(out, f"adherence_{guidance_tag(guidance)}.png"))
+            grid(flat, grid_cols).save(os.path.join(out, f"adherence_{guidance_folder(guidance)}.png"))
         logger.info("guidance %g: %s", guidance, by_guidance[-1]["accuracy"])
     result = {"settings": {"num_combinations": len(combos), "num_per_combination": k,
                            "max_combinations": adherence.max_combinations, "seed": sampling_args.seed,

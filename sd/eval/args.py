@@ -6,22 +6,36 @@ OUTPUT_DIR/eval_config.json.
     adherence:  ModelSourceArguments + AdherenceSamplingArguments + AdherenceArguments
 
 The two commands share every sampling field; adherence only changes some defaults (ADHERENCE_DEFAULTS).
+generate_images.py (the reference's entry name) translates its own flags into these same dataclasses.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
+import os
+import re
 import typing
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Mapping, Optional, Tuple
 
-from sd.components import Components, resolve_components
+import paddle
+
+from sd.components import Components, read_config, resolve_components
+from sd.device import DeviceFacts
 from sd.eval import sampling
 from sd.tiny.make_demo_data import COLORS, POSITIONS, SHAPES
 
 NUM_COMBINATIONS = len(COLORS) * len(SHAPES) * len(POSITIONS)
 PIPELINE_SIZE_MULTIPLE = 8  # StableDiffusionPipeline.check_inputs rejects sizes that are not multiples of 8
+VARIANT_PATTERN = re.compile(r"[A-Za-z0-9_-]+")  # ppdiffusers puts it inside a file name: no dots, no slashes
+DEVICE_PATTERN = re.compile(r"cpu|gpu(:[0-9]+)?")
+# Output layouts of a generate run (sd/eval/evaluation.py writes them):
+#   eval:        g<scale>/<prompt:05d>_<image:02d>.png, a grid per prompt, index.json
+#   ppdiffusers: mscoco.en_g<scale>/<prompt:05d>_000.png and nothing else in the folder, as the reference's
+#                generate_images.py writes it and its scripts/fid_clip_score reads it (images paired with the
+#                caption rows by sorted position), index.json beside the folders.
+LAYOUTS = ("eval", "ppdiffusers")
 
 
 @dataclass(frozen=True)
@@ -35,11 +49,23 @@ class ModelSourceArguments:
     use_ema: bool = field(default=False, metadata={"help": "use the unet_ema/ folder next to the unet/ folder"})
     text_encoder_path: Optional[str] = field(
         default=None, metadata={"help": "a trained text encoder folder (None: MODEL_DIR/text_encoder)"})
+    variant: Optional[str] = field(
+        default=None, metadata={"help": "the UNet's weight variant, as ppdiffusers' from_pretrained(variant=...): "
+                                        "ema loads unet/diffusion_paddle_model.ema.safetensors"})
 
-    def resolve(self) -> Components:
-        """Each component's folder (sd/components.py, purpose "eval"): checked before any weights load."""
+    def __post_init__(self) -> None:
+        if self.variant is not None and not VARIANT_PATTERN.fullmatch(self.variant):
+            raise ValueError(f"--variant must be a name of letters, digits, _ or - (e.g. ema, bf16), "
+                             f"got {self.variant!r}")
+        if self.variant is not None and self.use_ema:
+            raise ValueError(f"--use_ema (the unet_ema/ folder) and --variant {self.variant} (a file in unet/) "
+                             "pick different weights: pass one of them")
+
+    def resolve(self, flag_names: Optional[Mapping[str, str]] = None) -> Components:
+        """Each component's folder (sd/components.py, purpose "eval"): checked before any weights load.
+        flag_names: how another entry's command line names these flags (generate_images.py)."""
         return resolve_components("eval", self.model_dir, unet=self.unet_path, text_encoder=self.text_encoder_path,
-                                  use_ema=self.use_ema)
+                                  use_ema=self.use_ema, flag_names=flag_names)
 
 
 @dataclass(frozen=True)
@@ -58,8 +84,13 @@ class SamplingArguments:
     seed: int = field(default=42, metadata={"help": "per-image seeds derive from it and the prompt index"})
     batch_size: int = field(default=8, metadata={"help": "prompts per pipeline call"})
     output_dir: Optional[str] = field(default="outputs/eval", metadata={"help": "where images and JSON go"})
+    device: Optional[str] = field(
+        default=None, metadata={"help": "cpu, gpu or gpu:N (None: gpu when a CUDA device is visible, else cpu); "
+                                        "gpu on a machine without CUDA runs on cpu, announced"})
 
     def __post_init__(self) -> None:
+        if self.device is not None and not DEVICE_PATTERN.fullmatch(self.device):
+            raise ValueError(f"--device must be cpu, gpu or gpu:N, got {self.device!r}")
         if self.scheduler not in sampling.SCHEDULERS:
             raise ValueError(f"--scheduler {self.scheduler!r} not in {sorted(sampling.SCHEDULERS)}")
         for name in ("num_inference_steps", "batch_size"):
@@ -116,10 +147,21 @@ class PromptArguments:
         default=None, metadata={"help": "a .txt (one prompt a line) or a .csv/.tsv with --prompt_column"})
     prompt_column: Optional[str] = field(
         default=None, metadata={"help": "column of a .csv/.tsv prompt file, e.g. caption_en (coco30k)"})
+    prompt_format: Optional[str] = field(
+        default=None, metadata={"choices": ["txt", "csv", "tsv"],
+                                "help": "how to read --prompt_file (None: by its extension, .csv/.tsv or text)"})
     negative_prompt: Optional[str] = field(default=None, metadata={"help": "one negative prompt for every image"})
     num_images_per_prompt: int = field(default=1, metadata={"help": "images per prompt and guidance scale"})
+    layout: str = field(default="eval", metadata={
+        "choices": list(LAYOUTS), "help": "eval: g<scale>/<prompt>_<image>.png with grids; ppdiffusers: "
+                                          "mscoco.en_g<scale>/<prompt>_000.png only, as the reference's "
+                                          "generate_images.py writes them for its FID/CLIP script"})
 
     def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"--layout must be one of {list(LAYOUTS)}, got {self.layout!r}")
+        if self.prompt_format not in (None, "txt", "csv", "tsv"):
+            raise ValueError(f"--prompt_format must be txt, csv or tsv, got {self.prompt_format!r}")
         if bool(self.prompt) == bool(self.prompt_file):
             raise ValueError("pass either --prompt (repeatable) or --prompt_file, exactly one of them")
         for i, p in enumerate(self.prompt):
@@ -127,8 +169,14 @@ class PromptArguments:
                 raise ValueError(f"--prompt #{i + 1} is empty")
         if self.prompt_column is not None and not self.prompt_file:
             raise ValueError("--prompt_column goes with a .csv/.tsv --prompt_file")
+        if self.prompt_format is not None and not self.prompt_file:
+            raise ValueError("--prompt_format goes with --prompt_file")
         if self.num_images_per_prompt < 1:
             raise ValueError(f"--num_images_per_prompt must be >= 1, got {self.num_images_per_prompt}")
+        if self.layout == "ppdiffusers" and self.num_images_per_prompt != 1:
+            # compute_fid_clip_score.py pairs the folder's sorted images with the caption rows one to one.
+            raise ValueError(f"--layout ppdiffusers writes one image per prompt: --num_images_per_prompt must be "
+                             f"1, got {self.num_images_per_prompt}")
 
 
 @dataclass(frozen=True)
@@ -148,8 +196,8 @@ class AdherenceArguments:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """What an eval run runs: the parsed arguments, each component's folder, and sampling at its resolved size
-    (a dataclasses.replace of the parsed sampling arguments). Never mutated."""
+    """What an eval run runs: the parsed arguments, each component's folder and weight variant, and sampling at
+    its resolved size and device (a dataclasses.replace of the parsed sampling arguments). Never mutated."""
 
     command: str  # "generate" | "adherence"
     model: ModelSourceArguments
@@ -157,6 +205,9 @@ class EvalConfig:
     sampling: SamplingArguments
     prompts: Optional[PromptArguments] = None
     adherence: Optional[AdherenceArguments] = None
+    unet_variant: Optional[str] = None
+    text_encoder_variant: Optional[str] = None
+    entry: Optional[object] = None  # the arguments of the entry that translated its flags into these (if any)
     notices: Tuple[str, ...] = ()
 
 
@@ -177,21 +228,85 @@ def resolve_size(vae_config, unet_config, height: Optional[int], width: Optional
     return out[0], out[1]
 
 
+def resolve_device(requested: Optional[str], facts: DeviceFacts, gpu_count: int) -> Tuple[str, List[str]]:
+    """The paddle device to sample on, and a notice when it is not the one asked for (never silent)."""
+    if requested is None:
+        return ("gpu" if facts.cuda else "cpu"), []
+    if requested == "cpu":
+        return "cpu", []
+    if not facts.cuda:
+        return "cpu", [f"--device {requested}: this machine has no CUDA device (paddle built without CUDA or no GPU "
+                       "visible): sampling on cpu"]
+    index = int(requested.split(":")[1]) if ":" in requested else 0
+    if index >= gpu_count:
+        raise ValueError(f"--device {requested}: only {gpu_count} GPU(s) visible (gpu:0..gpu:{gpu_count - 1})")
+    return requested, []
+
+
+def weight_variants(folder: str) -> List[str]:
+    """The variants of the weight files in a component folder: 'ema' for diffusion_paddle_model.ema.safetensors
+    (ppdiffusers' _add_variant puts the variant before the last suffix)."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted({part for name in names for part in name.split(".")[1:-1]
+                   if part not in ("safetensors", "index", "bin", "pdparams")})
+
+
+def resolve_variants(model: ModelSourceArguments, components: Components,
+                     flag_names: Mapping[str, str]) -> Tuple[Optional[str], Optional[str], List[str]]:
+    """(UNet variant, text encoder variant, notices). ppdiffusers falls back to the plain weights, with only a log
+    line, when the variant's file is missing, which would quietly sample the non-EMA UNet: checked here instead.
+    A text encoder passed explicitly gets the variant too when it has that file (as the reference passes its
+    variant to both); the recipe writes variants (ema) for the UNet only, so otherwise it loads its plain weights,
+    announced."""
+    if model.variant is None:
+        return None, None, []
+    flag = flag_names.get("variant", "--variant")
+    have = weight_variants(components.unet)
+    if model.variant not in have:
+        raise FileNotFoundError(f"{flag} {model.variant}: the UNet folder {components.unet} holds no "
+                                f"*.{model.variant}.* weight file (variants there: {have or 'none'})")
+    if model.text_encoder_path is None:
+        return model.variant, None, []
+    if model.variant in weight_variants(components.text_encoder):
+        return model.variant, model.variant, []
+    return model.variant, None, [f"{flag} {model.variant}: the text encoder {components.text_encoder} has no such "
+                                 "variant: loading its plain weights"]
+
+
 def resolve(model: ModelSourceArguments, sampling_args: SamplingArguments,
-            prompts: Optional[PromptArguments] = None, adherence: Optional[AdherenceArguments] = None) -> EvalConfig:
+            prompts: Optional[PromptArguments] = None, adherence: Optional[AdherenceArguments] = None, *,
+            flag_names: Optional[Mapping[str, str]] = None, entry: Optional[object] = None,
+            notices: Tuple[str, ...] = (), device: Optional[DeviceFacts] = None) -> EvalConfig:
     """The run's EvalConfig. Components and sizes come from the model's config files, before any weights load,
-    so a bad path or size fails in a second, not after a 4 GB load."""
+    so a bad path or size fails in a second, not after a 4 GB load. flag_names maps an eval field (or component,
+    as sd/components.py names them) to the flag another entry calls it, so its messages name the user's flag;
+    entry and notices come from that entry's translation (generate_images.py)."""
+    names = dict(flag_names or {})
     if (prompts is None) == (adherence is None):
         raise ValueError("an eval run is either generate (prompts) or adherence, exactly one")
+    out_flag = names.get("output_dir", "--output_dir")
     if not sampling_args.output_dir:
-        raise ValueError("--output_dir is required")
-    components = model.resolve()
+        raise ValueError(f"{out_flag} is required")
+    if os.path.exists(sampling_args.output_dir) and not os.path.isdir(sampling_args.output_dir):
+        raise NotADirectoryError(f"{out_flag} {sampling_args.output_dir} is a file, not a folder")
+    components = model.resolve(names)
     height, width = resolve_size(components.vae_config(), components.unet_config(), sampling_args.height,
                                  sampling_args.width)
-    notices = []
+    train_steps = int(read_config(os.path.join(components.scheduler, "scheduler_config.json"))
+                      .get("num_train_timesteps", 1000))
+    if sampling_args.num_inference_steps > train_steps:
+        raise ValueError(f"--num_inference_steps {sampling_args.num_inference_steps} is more than the "
+                         f"{train_steps} timesteps the model was trained with ({components.scheduler})")
+    unet_variant, text_encoder_variant, variant_notices = resolve_variants(model, components, names)
+    facts = DeviceFacts.detect() if device is None else device
+    gpu_count = paddle.device.cuda.device_count() if facts.cuda else 0
+    device_name, device_notices = resolve_device(sampling_args.device, facts, gpu_count)
+    all_notices = list(notices) + variant_notices + device_notices
     if sampling_args.scheduler in sampling.STOCHASTIC_SCHEDULERS and sampling_args.batch_size > 1:
-        notices.append(f"{sampling_args.scheduler} draws noise at every step: one prompt per pipeline call, so "
-                       "images do not depend on --batch_size")
+        all_notices.append(f"{sampling_args.scheduler} draws noise at every step: one prompt per pipeline call, "
+                           "so images do not depend on --batch_size")
     return EvalConfig(command="generate" if prompts is not None else "adherence", model=model,
-                      components=components, sampling=dataclasses.replace(sampling_args, height=height, width=width),
-                      prompts=prompts, adherence=adherence, notices=tuple(notices))
+                      components=components, prompts=prompts, adherence=adherence,
+                      sampling=dataclasses.replace(sampling_args, height=height, width=width, device=device_name),
+                      unet_variant=unet_variant, text_encoder_variant=text_encoder_variant, entry=entry,
+                      notices=tuple(all_notices))

@@ -1,7 +1,12 @@
 """Inference from a trained checkpoint: model loading, prompts, per-image seeds, PNGs, grids and index.json.
 
-eval.py is the command line over this module (its configuration: sd/eval/args.py); sd/eval/adherence.py reuses
-`sample_images` to score the demo captions, and the training-time image logging reuses it too.
+eval.py is the command line over this module (its configuration: sd/eval/args.py), generate_images.py the
+reference's spelling of it; sd/eval/adherence.py reuses `sample_images` to score the demo captions, and the
+training-time image logging reuses it too.
+
+Prompt files are untrusted input: read as bytes a line at a time with a cap (MAX_PROMPT_BYTES; longer lines are
+skipped and counted, never held whole), decoded as UTF-8 (a BOM is dropped); non-UTF-8 bytes, a NUL, an empty
+table, a missing column, a folder or a FIFO are each one error naming the file (and byte offset).
 
 Reproducibility (why the seeds work this way):
 - Every image gets its own seed, derived from (--seed, prompt index, image index) with numpy's SeedSequence, and
@@ -12,9 +17,9 @@ Reproducibility (why the seeds work this way):
 - `paddle.Generator().manual_seed()` cannot give per-image streams here: ppdiffusers replaces paddle.Generator by a
   tracker of CUDA RNG states, which on CPU reseeds paddle's *global* generator, so a list of generators collapses
   into one stream shared by the whole batch.
-- Schedulers that add noise at every step (sampling.STOCHASTIC_SCHEDULERS) draw it from paddle's global RNG; for them each
-  prompt gets its own pipeline call with the global RNG reseeded from the prompt's seed (and restored after), which
-  keeps results independent of --batch_size at the price of smaller batches. This is announced in the log.
+- Schedulers that add noise at every step (sampling.STOCHASTIC_SCHEDULERS) draw it from paddle's global RNG; for
+  them each prompt gets its own pipeline call with the global RNG reseeded from the prompt's seed (and restored
+  after), which keeps results independent of --batch_size at the price of smaller batches. Announced in the log.
 """
 from __future__ import annotations
 
@@ -40,57 +45,118 @@ from sd.images import grid
 
 logger = logging.getLogger("sd.eval")
 
-PROMPT_TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+PROMPT_TABLE_DELIMITERS = {"csv": ",", "tsv": "\t"}
+# A prompt longer than this is skipped (counted): CLIP reads 77 tokens, so 64 KiB is far beyond any real prompt,
+# and it stays under the csv module's 128 KiB field limit (a process-wide setting we leave alone).
+MAX_PROMPT_BYTES = 64 * 1024
 INDEX_NAME = "index.json"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
 _LATENTS, _STEP_NOISE = 0, 1  # purpose tags mixed into derived seeds so the two streams never coincide
 
 
-def read_prompts(path: str, column: Optional[str] = None) -> Tuple[List[str], Dict[str, int]]:
-    """Prompts of a .txt (one a line) or a .csv/.tsv (the `column` of each row, e.g. coco30k's caption_en), and the
-    count of skipped rows by reason (blank lines or cells)."""
-    if not os.path.isfile(path):
+def _prompt_lines(f, path: str, skipped: Counter) -> Iterator[str]:
+    """The text lines of a binary file, each decoded as UTF-8 on its own (a UTF-8 byte sequence never holds a
+    newline byte), read at most MAX_PROMPT_BYTES at a time so a huge line costs no memory: it is drained and
+    counted as skipped. A byte-order mark on the first line is dropped. Non-UTF-8 bytes or a NUL end the read with
+    the file and byte offset (a binary, UTF-16 or legacy-encoded file: every later prompt would be wrong too)."""
+    offset = number = 0
+    while True:
+        raw = f.readline(MAX_PROMPT_BYTES + 1)
+        if not raw:
+            return
+        number, start = number + 1, offset
+        offset += len(raw)
+        if len(raw) > MAX_PROMPT_BYTES and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):
+                raw = f.readline(MAX_PROMPT_BYTES)
+                offset += len(raw)
+            skipped["over_long"] += 1
+            continue
+        nul = raw.find(b"\0")
+        if nul >= 0:
+            raise ValueError(f"{path}: NUL byte at byte offset {start + nul} (line {number}): prompt files are "
+                             "UTF-8 text (is it binary or UTF-16?)")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:  # re-raised with the file and offset the bare error lacks
+            raise ValueError(f"{path}: not UTF-8 at byte offset {start + e.start} (line {number}): {e.reason}; "
+                             "save it as UTF-8 (e.g. iconv -f GB18030 -t UTF-8)") from None
+        yield text[1:] if number == 1 and text.startswith("\ufeff") else text
+
+
+def read_prompts(path: str, column: Optional[str] = None,
+                 file_format: Optional[str] = None) -> Tuple[List[str], Dict[str, int]]:
+    """Prompts of a text file (one a line) or a .csv/.tsv (the `column` of each row, e.g. coco30k's caption_en;
+    file_format overrides the extension), and the count of skipped rows by reason: blank, or over_long (more
+    than MAX_PROMPT_BYTES). Anything else wrong with the file is one ValueError naming it."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--prompt_file {path} is a folder, not a file")
+    if not os.path.exists(path):
         raise FileNotFoundError(f"--prompt_file: no such file: {path}")
-    delimiter = PROMPT_TABLE_DELIMITERS.get(os.path.splitext(path)[1].lower())
-    skipped = Counter(blank=0)
+    if not os.path.isfile(path):  # a FIFO or device would block or never end
+        raise ValueError(f"--prompt_file {path} is not a regular file")
+    suffix = os.path.splitext(path)[1].lower().lstrip(".")
+    file_format = file_format or (suffix if suffix in PROMPT_TABLE_DELIMITERS else "txt")
+    skipped = Counter(blank=0, over_long=0)
     prompts: List[str] = []
-    with open(path, encoding="utf-8", newline="" if delimiter else None) as f:
-        if delimiter is None:
+    with open(path, "rb") as f:
+        lines = _prompt_lines(f, path, skipped)
+        if file_format == "txt":
             if column is not None:
                 raise ValueError(f"--prompt_column needs a .csv or .tsv --prompt_file, got {path}")
-            cells = (line.strip() for line in f)
+            cells = (line.strip() for line in lines)
         else:
             if column is None:
                 raise ValueError(f"--prompt_file {path} is a table: pass --prompt_column (e.g. caption_en)")
-            reader = csv.DictReader(f, delimiter=delimiter)
-            if reader.fieldnames is None or column not in reader.fieldnames:
-                raise ValueError(f"{path}: no column {column!r}; columns: {reader.fieldnames}")
-            cells = ((row[column] or "").strip() for row in reader)
+            cells = _table_cells(lines, path, column, PROMPT_TABLE_DELIMITERS[file_format])
         for cell in cells:
-            if cell:
+            if len(cell.encode("utf-8")) > MAX_PROMPT_BYTES:  # a quoted cell spanning lines
+                skipped["over_long"] += 1
+            elif cell:
                 prompts.append(cell)
             else:
                 skipped["blank"] += 1
     if not prompts:
-        raise ValueError(f"--prompt_file {path}: no prompts (skipped {skipped['blank']} blank)")
+        raise ValueError(f"--prompt_file {path}: no prompts (skipped: {dict(skipped)})")
     return prompts, dict(skipped)
 
 
+def _table_cells(lines: Iterator[str], path: str, column: str, delimiter: str) -> Iterator[str]:
+    reader = csv.DictReader(lines, delimiter=delimiter)
+    try:
+        fieldnames = reader.fieldnames
+        if fieldnames is None:
+            raise ValueError(f"{path} is empty: no header row with a column {column!r}")
+        if column not in fieldnames:
+            raise ValueError(f"{path}: no column {column!r}; columns: {fieldnames}")
+        for row in reader:
+            yield (row[column] or "").strip()
+    except csv.Error as e:  # e.g. a quoted field longer than csv's field limit: named, not a bare traceback
+        raise ValueError(f"{path}: malformed table at line {reader.line_num}: {e}") from None
+
+
 def prompt_list(args: PromptArguments) -> List[str]:
-    """The prompts of a generate run: the --prompt values, or the rows of --prompt_file."""
+    """The prompts of a generate run: the --prompt values, or the rows of --prompt_file. The ppdiffusers layout
+    pairs image i with row i, so there a skipped row is an error rather than a shift of every later pair."""
     if not args.prompt_file:
         return list(args.prompt)
-    prompts, skipped = read_prompts(args.prompt_file, args.prompt_column)
+    prompts, skipped = read_prompts(args.prompt_file, args.prompt_column, args.prompt_format)
+    if args.layout == "ppdiffusers" and sum(skipped.values()):
+        raise ValueError(f"{args.prompt_file}: rows skipped ({skipped}), but the ppdiffusers layout pairs image i "
+                         "with caption row i (compute_fid_clip_score.py): fix those rows")
     logger.info("prompt file %s: %d prompts, skipped %s", args.prompt_file, len(prompts), skipped)
     return prompts
 
 
-def load_pipeline(components: Components, scheduler: str):
+def load_pipeline(components: Components, scheduler: str, unet_variant: Optional[str] = None,
+                  text_encoder_variant: Optional[str] = None):
     """A StableDiffusionPipeline (eval mode, no safety checker) with the chosen sampling scheduler built from the
-    resolved scheduler config, so the sampler shares the training noise schedule."""
+    resolved scheduler config, so the sampler shares the training noise schedule. The variants were checked to
+    exist by sd/eval/args.resolve_variants (ppdiffusers would fall back to the plain weights)."""
     vae = AutoencoderKL.from_pretrained(components.vae)
-    text_encoder = CLIPTextModel.from_pretrained(components.text_encoder)
+    text_encoder = CLIPTextModel.from_pretrained(components.text_encoder, variant=text_encoder_variant)
     tokenizer = CLIPTokenizer.from_pretrained(components.tokenizer)
-    unet = UNet2DConditionModel.from_pretrained(components.unet)
+    unet = UNet2DConditionModel.from_pretrained(components.unet, variant=unet_variant)
     if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
         raise ValueError(f"UNet {components.unet} expects text features of size {unet.config.cross_attention_dim} "
                          f"but the text encoder {components.text_encoder} gives {text_encoder.config.hidden_size}")
@@ -102,8 +168,9 @@ def load_pipeline(components: Components, scheduler: str):
         module.eval()
     pipe = sampling.make_pipeline(vae, text_encoder, tokenizer, unet,
                                   sampling.make_scheduler(scheduler, train_config))
-    logger.info("model: vae %s, unet %s, text encoder %s, scheduler %s (%s, %s)", components.vae, components.unet,
-                components.text_encoder, scheduler, components.scheduler, train_config.get("prediction_type"))
+    logger.info("model: vae %s, unet %s (variant %s), text encoder %s, scheduler %s (%s, %s)", components.vae,
+                components.unet, unet_variant, components.text_encoder, scheduler, components.scheduler,
+                train_config.get("prediction_type"))
     return pipe
 
 
@@ -169,33 +236,57 @@ def grid_columns(n: int) -> int:
     return n if n <= 4 else math.ceil(math.sqrt(n))
 
 
-def guidance_tag(guidance: float) -> str:
-    return f"g{guidance:g}"
+def guidance_folder(guidance: float, layout: str = "eval") -> str:
+    """The folder of one guidance scale: g7.5 (eval) or mscoco.en_g7.5 (ppdiffusers, as its FID/CLIP script is
+    pointed at)."""
+    return f"g{guidance:g}" if layout == "eval" else f"mscoco.en_g{guidance:g}"
+
+
+def image_file(layout: str, prompt_index: int, image_index: int) -> str:
+    return f"{prompt_index:05d}_{image_index:02d}.png" if layout == "eval" else f"{prompt_index:05d}_000.png"
+
+
+def foreign_images(config: EvalConfig, num_prompts: int) -> List[str]:
+    """Images already in a ppdiffusers-layout folder that this run will not overwrite: compute_fid_clip_score.py
+    reads every image of the folder, so leftovers of an earlier, longer run would be scored with this one."""
+    s, p = config.sampling, config.prompts
+    if p is None or p.layout != "ppdiffusers":
+        return []
+    ours = {image_file(p.layout, i, 0) for i in range(num_prompts)}
+    found = []
+    for guidance in s.guidance_scales:
+        folder = os.path.join(s.output_dir, guidance_folder(guidance, p.layout))
+        if os.path.isdir(folder):
+            found += [os.path.join(folder, n) for n in sorted(os.listdir(folder))
+                      if n not in ours and os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES]
+    return found
 
 
 def generate_to_dir(pipe, prompts: Sequence[str], config: EvalConfig) -> List[dict]:
-    """Every image as PNG, one grid per prompt and guidance, and index.json (one entry per image), all under
-    config.sampling.output_dir; returns the index."""
+    """Every image as PNG (and, in the eval layout, one grid per prompt and guidance), and index.json (one entry
+    per image), all under config.sampling.output_dir; returns the index."""
     if not prompts:
         raise ValueError("no prompts to generate")
     s, p = config.sampling, config.prompts
     entries: List[dict] = []
     for guidance in s.guidance_scales:
-        sub = guidance_tag(guidance)
+        sub = guidance_folder(guidance, p.layout)
         os.makedirs(os.path.join(s.output_dir, sub), exist_ok=True)
         images = sample_images(pipe, prompts, list(range(len(prompts))), s, guidance, s.height, s.width,
                                p.num_images_per_prompt, p.negative_prompt)
         for i, (prompt, per_prompt) in enumerate(zip(prompts, images)):
-            grid_file = f"{sub}/{i:05d}_grid.png"
-            grid(per_prompt, grid_columns(len(per_prompt))).save(os.path.join(s.output_dir, grid_file))
+            grid_file = f"{sub}/{i:05d}_grid.png" if p.layout == "eval" else None
+            if grid_file is not None:
+                grid(per_prompt, grid_columns(len(per_prompt))).save(os.path.join(s.output_dir, grid_file))
             for k, image in enumerate(per_prompt):
-                file = f"{sub}/{i:05d}_{k:02d}.png"
+                file = f"{sub}/{image_file(p.layout, i, k)}"
                 image.save(os.path.join(s.output_dir, file))
                 entries.append({"prompt": prompt, "negative_prompt": p.negative_prompt,
                                 "seed": image_seed(s.seed, i, k), "base_seed": s.seed,
                                 "prompt_index": i, "image_index": k, "scheduler": s.scheduler,
                                 "steps": s.num_inference_steps, "guidance": guidance, "height": s.height,
-                                "width": s.width, "unet": config.components.unet, "file": file, "grid": grid_file})
+                                "width": s.width, "unet": config.components.unet, "variant": config.unet_variant,
+                                "file": file, "grid": grid_file})
         logger.info("guidance %g: %d images in %s", guidance, len(prompts) * p.num_images_per_prompt,
                     os.path.join(s.output_dir, sub))
     write_json_atomic(os.path.join(s.output_dir, INDEX_NAME), entries)

@@ -24,6 +24,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from sd.components import MODEL_INDEX
 from sd.paths import SCHEDULER_SD_V1, TINY_INIT_DIR, UNET_TINY_CONFIG, VAE_TINY_CONFIG
 
 
@@ -31,21 +32,6 @@ from sd.paths import SCHEDULER_SD_V1, TINY_INIT_DIR, UNET_TINY_CONFIG, VAE_TINY_
 # not DDPM arguments (DDPMScheduler ignores them) but make DDIMScheduler/PNDMScheduler.from_config(it) reproduce
 # SD v1's samplers.
 # (sd/configs/scheduler_sd_v1.json, sd.paths.SCHEDULER_SD_V1)
-
-MODEL_INDEX: Dict[str, Any] = {
-    "_class_name": "StableDiffusionPipeline",
-    "_diffusers_version": "0.29.0",
-    "feature_extractor": [None, None],
-    "requires_safety_checker": False,
-    "safety_checker": [None, None],
-    "scheduler": ["ppdiffusers", "DDPMScheduler"],
-    # ppdiffusers 0.29 maps "paddlenlp.transformers" to this same module; naming it directly says which
-    # CLIPTextModel class can read the weights.
-    "text_encoder": ["ppdiffusers.transformers", "CLIPTextModel"],
-    "tokenizer": ["ppdiffusers.transformers", "CLIPTokenizer"],
-    "unet": ["ppdiffusers", "UNet2DConditionModel"],
-    "vae": ["ppdiffusers", "AutoencoderKL"],
-}
 
 
 @dataclass

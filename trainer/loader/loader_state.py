@@ -5,6 +5,9 @@ iterator, so the state of a rank is kept per *logical* worker: the tracker recor
 the state attached to the last batch consumed from it, plus which logical worker serves next. On resume,
 physical worker p plays logical worker (p + next_logical) % W and every logical worker continues its own
 stream, so the resumed batches are exactly those of a run that never stopped.
+
+A saved state is untrusted input: `load_state_file` (what a trainer resumes from) and `plan_resume` check every
+field's type and range before any of it is used, and name the file and the field when one is wrong.
 """
 from __future__ import annotations
 
@@ -13,12 +16,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from trainer.loader.sample_stream import fresh_cursor_state
+from trainer.loader.sample_stream import LoaderError, fresh_cursor_state
 
 logger = logging.getLogger("trainer.loader")
 
 STATE_FORMAT = "text_image_loader_state"
 STATE_VERSION = 1
+ERROR_KEY = "loader_error"  # the last batch of a failed stream: {ERROR_KEY: one line}, raised by consume()
+_CURSOR_KEYS = ("epoch", "pos", "line", "fails", "hits", "empty")
 
 
 def stream_state_at_epochs(epochs: List[int]) -> dict:
@@ -61,6 +66,81 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(f"loader state: {msg}")
 
 
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_counts(d: Any, what: str) -> None:
+    _check(isinstance(d, dict) and all(isinstance(k, str) and _is_count(v) for k, v in d.items()),
+           f"{what} must map reasons to counts >= 0")
+
+
+def _check_stream(w: Any, i: int, n_sources: int) -> None:
+    what = f"workers[{i}]"
+    _check(isinstance(w, dict), f"{what} must be an object or null")
+    for key in ("inserted", "emitted"):
+        _check(_is_count(w.get(key)), f"{what}.{key} must be an integer >= 0")
+    _check(w.get("batches", 0) is None or _is_count(w.get("batches", 0)), f"{what}.batches must be an integer >= 0")
+    cursors = w.get("sources")
+    _check(isinstance(cursors, list) and len(cursors) == n_sources, f"{what} does not have one cursor per source")
+    for j, c in enumerate(cursors):
+        _check(isinstance(c, dict) and all(_is_count(c.get(k)) for k in _CURSOR_KEYS) and _is_count(c.get("bad", 0)),
+               f"{what}.sources[{j}] must hold integers >= 0 for {list(_CURSOR_KEYS)}")
+    buffer = w.get("buffer")
+    _check(isinstance(buffer, list) and all(isinstance(r, list) and len(r) == 4 and all(map(_is_count, r))
+                                            for r in buffer),
+           f"{what}.buffer must be a list of [source, epoch, part, line] integers >= 0")
+    _check_counts(w.get("skips"), f"{what}.skips")
+
+
+def check_state(state: Any, workers: bool = True) -> None:
+    """Every field of a saved tracker state has the type and range the loader relies on (ValueError naming the
+    field otherwise); `workers=False` checks all but the per-worker streams. What it must match in the dataset
+    (file list, layout) is plan_resume's to check."""
+    _check(isinstance(state, dict), f"expected a JSON object, got {type(state).__name__}")
+    _check(state.get("format") == STATE_FORMAT, f"format {state.get('format')!r} is not {STATE_FORMAT!r}")
+    _check(state.get("version") == STATE_VERSION, f"version {state.get('version')!r} is not {STATE_VERSION}")
+    for key in ("rank", "world_size", "num_workers", "seed", "sources", "batches_consumed", "next_logical",
+                "skips_base", "workers"):
+        _check(key in state, f"missing key {key!r}")
+    for key in ("rank", "num_workers", "seed", "batches_consumed", "next_logical"):
+        _check(_is_count(state[key]), f"{key} must be an integer >= 0, got {state[key]!r}")
+    _check(_is_count(state["world_size"]) and state["rank"] < state["world_size"],
+           f"rank {state['rank']} is not below world_size {state['world_size']!r}")
+    per_rank = max(1, state["num_workers"])
+    _check(state["next_logical"] < per_rank, f"next_logical must be < {per_rank}, got {state['next_logical']}")
+    sources = state["sources"]
+    _check(isinstance(sources, list) and all(isinstance(s, dict) and isinstance(s.get("filelist"), str)
+                                             and _is_count(s.get("parts")) for s in sources),
+           "sources must be a list of {filelist: str, parts: int}")
+    _check_counts(state["skips_base"], "skips_base")
+    if workers:
+        _check_workers(state)
+
+
+def _check_workers(state: dict) -> None:
+    workers, per_rank = state["workers"], max(1, state["num_workers"])
+    _check(isinstance(workers, list) and len(workers) == per_rank, f"'workers' must list {per_rank} entries")
+    for i, w in enumerate(workers):
+        if w is not None:
+            _check_stream(w, i, len(state["sources"]))
+
+
+def load_state_file(path: str) -> dict:
+    """A saved loader state (checkpoint/loader_state_rank*.json), checked field by field. Unreadable files, bad
+    JSON and bad states are a ValueError "<path>: ..." naming what is wrong."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"{path}: not a readable loader state (JSON): {e}") from None
+    try:
+        check_state(state)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}; delete this file to restart the data stream from its beginning") from None
+    return state
+
+
 def plan_resume(state: Any, header: dict) -> ResumePlan:
     """Validate a saved tracker state against this dataset (`header`: rank, world_size, num_workers, seed,
     sources) and decide how each logical worker resumes.
@@ -69,12 +149,7 @@ def plan_resume(state: Any, header: dict) -> ResumePlan:
     at the beginning of the smallest epoch any saved worker was in (no record of that epoch is lost, some
     are seen twice) and a warning says so. A different file list is an error: positions would point at
     other data."""
-    _check(isinstance(state, dict), f"expected a JSON object, got {type(state).__name__}")
-    _check(state.get("format") == STATE_FORMAT, f"format {state.get('format')!r} is not {STATE_FORMAT!r}")
-    _check(state.get("version") == STATE_VERSION, f"version {state.get('version')!r} is not {STATE_VERSION}")
-    for key in ("rank", "world_size", "num_workers", "seed", "sources", "batches_consumed", "next_logical",
-                "skips_base", "workers"):
-        _check(key in state, f"missing key {key!r}")
+    check_state(state, workers=False)
     saved_sources = [(s["filelist"], s["parts"]) for s in state["sources"]]
     current = [(s["filelist"], s["parts"]) for s in header["sources"]]
     if saved_sources != current:
@@ -82,12 +157,8 @@ def plan_resume(state: Any, header: dict) -> ResumePlan:
             "loader state was saved for another file list (filelist, parts): saved "
             f"{saved_sources}, now {current}. Delete the checkpoint's loader_state_rank*.json to restart the "
             "data stream from the beginning.")
+    _check_workers(state)
     workers: List[Optional[dict]] = state["workers"]
-    _check(isinstance(workers, list) and len(workers) == max(1, state["num_workers"]),
-           f"'workers' must list {max(1, state['num_workers'])} entries")
-    for i, w in enumerate(workers):
-        _check(w is None or (isinstance(w, dict) and len(w.get("sources", [])) == len(current)),
-               f"workers[{i}] does not have one cursor per source")
     same_layout = (state["world_size"], state["num_workers"]) == (header["world_size"], header["num_workers"])
     if same_layout and state["seed"] == header["seed"]:
         _check(state["rank"] == header["rank"],
@@ -119,7 +190,10 @@ class LoaderStateTracker:
         self._skips_base = dict(plan.skips_base)
 
     def consume(self, batch: dict) -> dict:
-        """Pops "loader_state" from a batch, records it and returns the batch without it."""
+        """Pops "loader_state" from a batch, records it and returns the batch without it. The last batch of a
+        failed stream raises LoaderError with its one line."""
+        if ERROR_KEY in batch:
+            raise LoaderError(str(batch[ERROR_KEY]))
         if "loader_state" not in batch:
             raise KeyError("batch has no 'loader_state': was it produced by TextImageDataset through "
                            "build_dataloader()?")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from dataclasses import dataclass
 from typing import ContextManager, Optional, Tuple
 
@@ -29,17 +30,21 @@ from PIL import Image
 from threadpoolctl import ThreadpoolController
 
 
-_controller: Optional[Tuple[int, ThreadpoolController]] = None  # (pid, controller), made on first use
+# (pid, number of imported modules, controller), made on first use
+_controller: Optional[Tuple[int, int, ThreadpoolController]] = None
 
 
 def single_thread_blas() -> ContextManager:
     """Context: BLAS on one thread while it is active. The products here are small and run in every loader
     worker; numpy's OpenBLAS would otherwise start one thread per core in each worker (96 threads in each
-    of 64 workers on a big node), and paddle's OMP_NUM_THREADS default does not reach it. Costs ~17 us."""
+    of 64 workers on a big node), and paddle's OMP_NUM_THREADS default does not reach it. Costs ~17 us.
+    The controller knows the BLAS libraries loaded when it was made: it is made again in a new process and
+    after an import (one may load another BLAS, as paddlenlp's scipy does); finding them takes ~5 ms."""
     global _controller
-    if _controller is None or _controller[0] != os.getpid():  # finding the libraries takes ~5 ms: once
-        _controller = (os.getpid(), ThreadpoolController())
-    return _controller[1].limit(limits=1, user_api="blas")
+    key = (os.getpid(), len(sys.modules))
+    if _controller is None or _controller[:2] != key:
+        _controller = (*key, ThreadpoolController())
+    return _controller[2].limit(limits=1, user_api="blas")
 
 
 def _lanczos(x: np.ndarray) -> np.ndarray:
@@ -69,16 +74,37 @@ def _bilinear(x: np.ndarray) -> np.ndarray:
     return np.maximum(1.0 - np.abs(x), 0.0).astype(np.float32)
 
 
+def _box(x: np.ndarray) -> np.ndarray:
+    """1 on (-0.5, 0.5], as Pillow's box_filter (the half-open interval decides ties at exact half pixels)."""
+    return ((x > -0.5) & (x <= 0.5)).astype(np.float32)
+
+
+_F054, _F046 = float(np.float32(0.54)), float(np.float32(0.46))
+
+
+def _hamming(x: np.ndarray) -> np.ndarray:
+    """sinc(x) windowed by 0.54 + 0.46 cos(pi x) on (-1, 1), as Pillow's hamming_filter: in float64 as there, with
+    its window constants as the C float literals 0.54f and 0.46f they are."""
+    x = np.abs(x)
+    px = np.pi * np.where(x == 0.0, 1.0, x)
+    y = np.where(x == 0.0, 1.0, np.sin(px) / px * (_F054 + _F046 * np.cos(px)))
+    return np.where(x >= 1.0, 0.0, y).astype(np.float32)
+
+
 # The Pillow filter each name reproduces (for comparisons: tests/test_resample.py, bench/bench_resample.py).
 PILLOW_FILTERS = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC,
-                  "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}
+                  "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST,
+                  "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
 
-# name -> (filter, support in input pixels at scale 1, antialias when downscaling)
+# name -> (filter, support in input pixels at scale 1, antialias when downscaling): Pillow's table (Resample.c).
+# Every name paddle.vision.transforms.Resize accepts with its PIL backend.
 FILTERS = {
     "lanczos": (_lanczos, 3.0, True),
     "bicubic": (_bicubic, 2.0, True),
     "bilinear": (_bilinear, 1.0, True),
     "nearest": (None, 0.5, False),  # no filter: the one pixel under the centre
+    "box": (_box, 0.5, True),
+    "hamming": (_hamming, 1.0, True),
 }
 
 # Each axis is cut into BLOCKS blocks of at least MIN_BLOCK outputs. Smaller blocks waste fewer multiply-adds on

@@ -4,19 +4,26 @@ A stream is: per source a cursor (epoch, position in the worker's part order, ne
 that decide when a part or source is given up), a weighted source choice per insertion, and a shuffle
 buffer. All randomness is counter-based (sharding.py), so the whole state is a few integers plus the
 buffer's contents as references (source, epoch, part index, line) that a restore re-reads from the parts.
+
+Failures: every failure of one record, at any stage (reading the part, an over-long line, parsing, base64, the
+image header, decoding, the transform), is a skip counted by reason. Each source also counts its failures in a
+row, across stages and parts, reset only when one of its records becomes a sample: at --max_consecutive_skips
+the stream raises LoaderError, whose message is the one line the run ends with (what failed, the counts by reason,
+what to do). So a source of truncated images whose headers parse ends the run instead of being scanned forever.
 """
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
 from data_tools.part_format import RecordError, iter_part_lines, parse_record
 from trainer.loader.sharding import (WorkerLayout, buffer_pick, choose_source, keeps_line, sharding_mode,
-                              worker_parts)
+                                     worker_parts)
 from trainer.loader.transforms import ImageTransform
 
 if TYPE_CHECKING:
@@ -62,6 +69,20 @@ class Sample:
     part_path: str
 
 
+class LoaderError(RuntimeError):
+    """A failure of the data stream itself (not of one record). Its message is one line: what failed, the skip
+    counts by reason, and what to do."""
+
+
+def failure_line(where: str, problem: str, counts: Mapping[str, int], advice: str) -> str:
+    by_reason = ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"
+    return f"data loader ({where}): {problem}; skipped so far: {by_reason}. {advice}"
+
+
+SOURCE_ADVICE = ("Look at it with data_tools/inspect_data.py, then fix or remove that filelist from --file_list "
+                 "(or raise --max_consecutive_skips if the records are usable but rare).")
+
+
 class SkipCounter:
     """Counts skipped records by reason and logs them, rate-limited: the first few of each reason, then at
     every power of ten, so a bad dataset is visible without flooding the log."""
@@ -70,21 +91,22 @@ class SkipCounter:
 
     def __init__(self, where: str, counts: Optional[Dict[str, int]] = None):
         self.where = where
-        self.counts: Dict[str, int] = dict(counts or {})
+        self.counts: Counter = Counter(counts or {})
 
     def add(self, reason: str, detail: str) -> None:
-        n = self.counts.get(reason, 0) + 1
-        self.counts[reason] = n
+        self.counts[reason] += 1
+        n = self.counts[reason]
         if n <= self.FIRST or str(n).rstrip("0") == "1":  # the first few, then 10, 100, 1000, ...
             logger.warning("%s: skipped record (%s, %d so far): %s", self.where, reason, n, detail)
 
 
 def fresh_cursor_state(epoch: int = 0) -> Dict[str, int]:
-    return {"epoch": epoch, "pos": 0, "line": 0, "fails": 0, "hits": 0, "empty": 0}
+    return {"epoch": epoch, "pos": 0, "line": 0, "fails": 0, "hits": 0, "empty": 0, "bad": 0}
 
 
 class SourceCursor:
-    """Reads one source's records for one global worker, looping over epochs forever."""
+    """Reads one source's records for one global worker, looping over epochs forever. Its limits (line cap,
+    failures in a row) are the loader's DataArguments, read through the transform that shares them."""
 
     def __init__(self, index: int, spec: SourceSpec, layout: WorkerLayout, global_worker: int, seed: int,
                  transform: ImageTransform, skips: SkipCounter, max_consecutive_failures: int,
@@ -94,12 +116,15 @@ class SourceCursor:
         self.mode = sharding_mode(len(spec.parts), self.G)
         self.transform, self.skips = transform, skips
         self.max_fails = max_consecutive_failures
+        self.max_bad = transform.data.max_consecutive_skips
+        self.max_line_bytes = transform.data.max_line_bytes
         # A source with no usable record for this many consecutive epochs of this worker is an error rather
         # than an endless scan. Generous: in part mode a lone good part reaches a given worker in an epoch
         # with probability ~1/G, so (1 - 1/G)^(10G + 10) < 5e-5 of a false alarm.
         self.max_empty_epochs = 10 * self.G + 10
         self.epoch, self.pos, self.line = state["epoch"], state["pos"], state["line"]
         self.fails, self.hits, self.empty = state["fails"], state["hits"], state["empty"]
+        self.bad = state.get("bad", 0)  # absent from states saved before it existed
         self._order_epoch = -1
         self._order: List[int] = []
         self._it = None
@@ -108,7 +133,16 @@ class SourceCursor:
 
     def state(self) -> Dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos, "line": self.line, "fails": self.fails,
-                "hits": self.hits, "empty": self.empty}
+                "hits": self.hits, "empty": self.empty, "bad": self.bad}
+
+    def failed(self, reason: str, detail: str) -> None:
+        """Count a failure of one of this source's records (any stage); the limit in a row is a LoaderError."""
+        self.skips.add(reason, detail)
+        self.bad += 1
+        if self.bad >= self.max_bad:
+            raise LoaderError(failure_line(
+                self.skips.where, f"source {self.spec.filelist}: {self.bad} records in a row failed with no usable "
+                f"sample between (the last: {reason}: {detail[:300]})", self.skips.counts, SOURCE_ADVICE))
 
     def _parts_this_epoch(self) -> List[int]:
         if self._order_epoch != self.epoch:
@@ -125,11 +159,19 @@ class SourceCursor:
     def _end_epoch(self) -> None:
         self.empty = self.empty + 1 if self.hits == 0 else 0
         if self.empty >= self.max_empty_epochs:
-            raise RuntimeError(
-                f"source {self.spec.filelist}: no usable record for global worker {self.g}/{self.G} in "
-                f"{self.empty} consecutive epochs ({self.mode} sharding, {len(self.spec.parts)} parts); "
-                f"skips so far: {self.skips.counts}")
+            raise LoaderError(failure_line(
+                self.skips.where, f"source {self.spec.filelist}: no usable record for global worker {self.g}/"
+                f"{self.G} in {self.empty} consecutive epochs ({self.mode} sharding, {len(self.spec.parts)} parts)",
+                self.skips.counts, SOURCE_ADVICE))
         self.epoch, self.pos, self.line, self.fails, self.hits = self.epoch + 1, 0, 0, 0, 0
+
+    def _bad_line(self, reason: str, detail: str, line_no: int) -> None:
+        self.fails += 1
+        self.failed(reason, detail)
+        if self.fails >= self.max_fails:
+            self.skips.add("part_abandoned", f"{self._path}: {self.fails} consecutive bad records up "
+                           f"to line {line_no + 1}; giving up on this part for epoch {self.epoch}")
+            self._next_part()
 
     def next_record(self) -> Record:
         while True:
@@ -140,12 +182,12 @@ class SourceCursor:
                     continue
                 self._part_idx = parts[self.pos]
                 self._path = self.spec.parts[self._part_idx]
-                self._it = iter_part_lines(self._path, self.line)
+                self._it = iter_part_lines(self._path, self.line, self.max_line_bytes)
             try:
                 item = next(self._it, None)
-            except RecordError as e:  # truncated/corrupt gzip: the lines before it were read
-                self.skips.add(e.reason, e.detail)
+            except RecordError as e:  # unreadable or corrupt part: the lines before the damage were read
                 self._next_part()
+                self.failed(e.reason, e.detail)
                 continue
             if item is None:
                 self._next_part()
@@ -154,24 +196,29 @@ class SourceCursor:
             self.line = line_no + 1
             if not keeps_line(self.mode, line_no, self.pos, self.epoch, self.g, self.G):
                 continue
+            where = f"{self._path}:{line_no + 1}"
+            if raw is None:
+                self._bad_line("line_too_long", f"{where}: longer than max_line_bytes {self.max_line_bytes}",
+                               line_no)
+                continue
             try:
                 caption, image = parse_record(raw, self.spec.data_format)
                 header = self.transform.open_checked(image)
             except RecordError as e:
-                self.skips.add(e.reason, f"{self._path}:{line_no + 1}: {e.detail}")
-                self.fails += 1
-                if self.fails >= self.max_fails:
-                    self.skips.add("part_abandoned", f"{self._path}: {self.fails} consecutive bad records up "
-                                   f"to line {line_no + 1}; giving up on this part for epoch {self.epoch}")
-                    self._next_part()
+                self._bad_line(e.reason, f"{where}: {e.detail}", line_no)
+                continue
+            except Exception as e:  # noqa: BLE001 - any failure on one record's bytes is that record's skip
+                self._bad_line("bad_record", f"{where}: {e!r}"[:1000], line_no)
                 continue
             self.fails = 0
             self.hits += 1
             return Record((self.index, self.epoch, self._part_idx, line_no), caption, image, self._path, header)
 
 
-def read_refs(sources: Sequence[SourceSpec], refs: Sequence[Ref]) -> Dict[Ref, Record]:
-    """Re-read the records behind shuffle-buffer references, scanning each part involved once."""
+def read_refs(sources: Sequence[SourceSpec], refs: Sequence[Ref], max_line_bytes: Optional[int] = None
+              ) -> Dict[Ref, Record]:
+    """Re-read the records behind shuffle-buffer references, scanning each part involved once. A reference that
+    no longer leads to the record it was (the part changed, shrank or went away) is a LoaderError."""
     by_part: Dict[Tuple[int, int], Dict[int, List[Ref]]] = {}
     for ref in refs:
         s, _, p, ln = ref
@@ -179,25 +226,32 @@ def read_refs(sources: Sequence[SourceSpec], refs: Sequence[Ref]) -> Dict[Ref, R
             raise ValueError(f"loader state references source {s} part {p}, which the file list does not have")
         by_part.setdefault((s, p), {}).setdefault(ln, []).append(ref)
     out: Dict[Ref, Record] = {}
+    advice = ("The part changed since the checkpoint: restore it, or delete the checkpoint's "
+              "loader_state_rank*.json to restart the data stream from its beginning.")
     for (s, p), lines in by_part.items():
         path, last = sources[s].parts[p], max(lines)
-        for line_no, raw in iter_part_lines(path, min(lines)):
-            if line_no in lines:
-                caption, image = parse_record(raw, sources[s].data_format)
-                out.update((ref, Record(ref, caption, image, path)) for ref in lines[line_no])
-            if line_no >= last:
-                break
+        try:
+            for line_no, raw in iter_part_lines(path, min(lines), max_line_bytes):
+                if line_no in lines and raw is not None:
+                    caption, image = parse_record(raw, sources[s].data_format)
+                    out.update((ref, Record(ref, caption, image, path)) for ref in lines[line_no])
+                if line_no >= last:
+                    break
+        except RecordError as e:
+            raise LoaderError(failure_line("resume", f"cannot re-read the shuffle buffer from {path}: {e}", {},
+                                           advice)) from None
         missing = [ln for ln in lines if lines[ln][0] not in out]
         if missing:
-            raise ValueError(f"cannot resume the shuffle buffer: {path} has no record at line(s) "
-                             f"{sorted(ln + 1 for ln in missing)[:5]}; the part changed since the checkpoint")
+            raise LoaderError(failure_line(
+                "resume", f"cannot re-read the shuffle buffer: {path} has no record at line(s) "
+                f"{sorted(ln + 1 for ln in missing)[:5]}", {}, advice))
     return out
 
 
 @dataclass(frozen=True)
 class StreamConfig:
-    """What a stream reads: the loader's DataArguments (shuffle_buffer_size, caption_dropout_prob), the
-    training seed, and where its skip warnings say they come from."""
+    """What a stream reads: the loader's DataArguments (buffer_size, shuffle_every_n_samples,
+    caption_dropout_prob and the limits), the training seed, and where its skip warnings say they come from."""
 
     data: "DataArguments"
     seed: int
@@ -223,7 +277,7 @@ class WorkerStream:
                         for i, (spec, cs) in enumerate(zip(self.sources, st["sources"]))]
         self.inserted, self.emitted = st["inserted"], st["emitted"]
         refs = [tuple(r) for r in st["buffer"]]
-        records = read_refs(self.sources, refs) if refs else {}
+        records = read_refs(self.sources, refs, cfg.data.max_line_bytes) if refs else {}
         self.buffer: List[Record] = [records[r] for r in refs]
 
     def state(self) -> dict:
@@ -236,15 +290,26 @@ class WorkerStream:
         self.inserted += 1
         return self.cursors[s].next_record()
 
+    def _next_record(self) -> Record:
+        """The record of the next emission. Every shuffle_every_n_samples-th emission is a uniform pick from the
+        buffer, whose slot the next record takes; between them records pass straight through (the reference's
+        shuffle_every_n_samples; with 1, the default, every emission is a pick)."""
+        while len(self.buffer) < self.cfg.data.buffer_size:
+            self.buffer.append(self._insert())
+        e = self.emitted
+        self.emitted += 1
+        if e % self.cfg.data.shuffle_every_n_samples:
+            return self._insert()
+        i = buffer_pick(len(self.buffer), self.cfg.seed, self.g, e)
+        rec = self.buffer[i]
+        self.buffer[i] = self._insert()
+        return rec
+
     def next_sample(self, out: Optional[np.ndarray] = None) -> Sample:
-        """The next sample; its pixels are written into `out` ([3, R, R] float32) when given."""
+        """The next sample; its pixels are written into `out` ([3, R, R] float32) when given. Raises LoaderError
+        when a source fails too many records in a row."""
         while True:
-            while len(self.buffer) < self.cfg.data.shuffle_buffer_size:
-                self.buffer.append(self._insert())
-            i = buffer_pick(len(self.buffer), self.cfg.seed, self.g, self.emitted)
-            self.emitted += 1
-            rec = self.buffer[i]
-            self.buffer[i] = self._insert()
+            rec = self._next_record()
             s, epoch, part, line = rec.ref
             # Per-record randomness keyed by the record and its epoch: the same augmentation whichever
             # worker reads it, and nothing to save.
@@ -254,6 +319,10 @@ class WorkerStream:
                 img = rec.header if rec.header is not None else self.transform.open_checked(rec.image)
                 pixels = self.transform.apply(img, rng, out)
             except RecordError as e:  # the header was fine at insertion, the pixel data is not
-                self.skips.add(e.reason, f"{rec.part_path}:{line + 1}: {e.detail}")
+                self.cursors[s].failed(e.reason, f"{rec.part_path}:{line + 1}: {e.detail}")
                 continue
+            except Exception as e:  # noqa: BLE001 - counted like any stage; a bug fails every record: the limit
+                self.cursors[s].failed("transform_error", f"{rec.part_path}:{line + 1}: {e!r}"[:1000])
+                continue
+            self.cursors[s].bad = 0
             return Sample(pixels, "" if dropped else rec.caption, rec.caption, rec.ref, rec.part_path)

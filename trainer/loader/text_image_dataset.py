@@ -12,10 +12,15 @@ uses (the seed and the tokenizer's length come from the training and model argum
     dl = build_dataloader(ds)
     tracker = LoaderStateTracker(ds)
     for batch in dl: batch = tracker.consume(batch) ...
+
+Nothing hangs: a failure inside the stream (LoaderError, or any exception of the loader's own) never escapes
+__iter__, where it would end paddle's reader thread (num_workers=0) and leave the main thread waiting forever.
+It becomes a last batch {"loader_error": one line}, after which the stream ends; LoaderStateTracker.consume
+raises LoaderError with that line in the training process, whatever the worker count.
 """
 from __future__ import annotations
 
-import json
+import logging
 from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
@@ -23,13 +28,16 @@ import paddle
 
 from data_tools.part_format import data_format_of, read_filelist_list
 from trainer.loader.config import DataArguments
-from trainer.loader.loader_state import LoaderStateTracker, ResumePlan, batch_state, fresh_plan, plan_resume
-from trainer.loader.sample_stream import Sample, SourceSpec, StreamConfig, WorkerStream
+from trainer.loader.loader_state import (ERROR_KEY, LoaderStateTracker, ResumePlan, batch_state, fresh_plan,
+                                        load_state_file, plan_resume)
+from trainer.loader.sample_stream import LoaderError, Sample, SourceSpec, StreamConfig, WorkerStream, failure_line
 from trainer.loader.sharding import WorkerLayout, sharding_mode
 from trainer.loader.resample import single_thread_blas
 from trainer.loader.transforms import ImageTransform
 
-__all__ = ["TextImageDataset", "build_dataloader", "LoaderStateTracker", "Sample"]
+__all__ = ["TextImageDataset", "build_dataloader", "LoaderStateTracker", "LoaderError", "Sample", "load_state_file"]
+
+logger = logging.getLogger("trainer.loader")
 
 
 class TextImageDataset(paddle.io.IterableDataset):
@@ -52,9 +60,13 @@ class TextImageDataset(paddle.io.IterableDataset):
         self.seed, self.model_max_length, self.num_workers = seed, model_max_length, num_workers
         self.layout = WorkerLayout(rank, world_size, num_workers)
         # Validates the file list now, naming any missing filelist or part, rather than in a worker later.
+        listed = read_filelist_list(data.file_list)
         self.sources = [SourceSpec(src.filelist, src.weight, src.parts, data_format_of(src.filelist,
                                                                                        data.data_format))
-                        for src in read_filelist_list(data.file_list)]
+                        for src in listed]
+        self.bases = [(src.base, src.parts_base) for src in listed]
+        for notice in data.notices():
+            logger.warning("%s", notice)
         self.transform = ImageTransform(data)
         self.resume_plan: ResumePlan = fresh_plan(self.layout.workers_per_rank)
 
@@ -71,8 +83,9 @@ class TextImageDataset(paddle.io.IterableDataset):
     def describe(self) -> str:
         srcs = ", ".join(
             f"{s.filelist} (w={s.weight:g}, {s.data_format}, {len(s.parts)} parts, by "
-            f"{sharding_mode(len(s.parts), self.layout.global_workers) if s.parts else 'none: empty'})"
-            for s in self.sources)
+            f"{sharding_mode(len(s.parts), self.layout.global_workers) if s.parts else 'none: empty'}; "
+            f"found by {base}, parts by {parts_base})"
+            for s, (base, parts_base) in zip(self.sources, self.bases))
         lay = self.layout
         return (f"{len(self.sources)} source(s): {srcs}; {lay.global_workers} global workers "
                 f"(world {lay.world_size} x {lay.workers_per_rank} per rank), rank {lay.rank}, "
@@ -113,6 +126,16 @@ class TextImageDataset(paddle.io.IterableDataset):
         return arr
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
+        try:
+            yield from self._batches()
+        except LoaderError as e:
+            yield error_batch(str(e))
+        except Exception as e:  # noqa: BLE001 - must not escape: paddle's reader thread would die silently
+            logger.exception("data loader failed")  # a bug of ours: the traceback is worth its lines
+            yield error_batch(failure_line(f"rank {self.layout.rank}", f"the loader failed: {e!r}"[:2000], {},
+                                           "This is a bug in the loader; its traceback is in the log above."))
+
+    def _batches(self) -> Iterator[Dict[str, Any]]:
         logical = self._logical_worker()
         stream = self.open_stream(logical)
         saved = self.resume_plan.workers[logical]
@@ -132,14 +155,14 @@ class TextImageDataset(paddle.io.IterableDataset):
             yield batch
 
 
+def error_batch(line: str) -> Dict[str, Any]:
+    """The last batch of a failed stream. It carries an array besides the line: paddle's single-process reader
+    silently drops a batch that holds no tensor."""
+    return {ERROR_KEY: line, "pixel_values": np.zeros((1,), np.float32)}
+
+
 def build_dataloader(dataset: TextImageDataset) -> paddle.io.DataLoader:
     """The dataset batches itself, so batch_size=None; paddle then converts the numpy arrays to tensors and
     passes the loader_state str through unchanged (checked in tests/test_loader_resume.py)."""
     return paddle.io.DataLoader(dataset, batch_size=None, num_workers=dataset.num_workers,
                                 use_shared_memory=dataset.num_workers > 0)
-
-
-def load_json(path: str) -> dict:
-    """Read a saved loader state file (e.g. checkpoint/loader_state_rank0.json)."""
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)

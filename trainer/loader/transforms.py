@@ -7,11 +7,16 @@ Three savings over the reference's decode-everything, Resize-then-RandomCrop, To
   and only the R x R output is computed instead of the whole resized image.
 - That resample is Pillow's filter computed as two blocked float32 matrix products (trainer/loader/resample.py),
   written straight into the batch slot already normalised: no 8-bit pass, no separate normalise pass.
-The crop geometry is computed from the original size, so it does not depend on whether draft applied.
+The crop geometry is computed from the upright original size, so it does not depend on whether draft applied.
 
-Mode conversion: images with transparency (RGBA, LA, PA, P with a transparency entry) are composited on
-white, because a plain convert('RGB') would expose whatever colour the transparent pixels happen to store
-(often black); every other mode goes through convert('RGB').
+Pixels: data_tools/pixels.py's one rule, shared with the data tool. The EXIF orientation is applied (the crop is
+planned on the upright size, the decoded image is turned upright before the crop box is read from it), 16-bit and
+float images are scaled to 8 bits, and transparency is composited on white.
+
+Every failure of one record's image (an unidentifiable header, a size over --max_image_pixels, pixel data that
+does not decode, any exception Pillow raises while decoding) is a RecordError with a reason, so the stream skips
+and counts it. The resample of decoded pixels is the loader's own code: the stream counts a failure there too
+('transform_error'), so even a bug ends the run after --max_consecutive_skips records, with the reason.
 """
 from __future__ import annotations
 
@@ -21,21 +26,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Tuple
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from data_tools.part_format import RecordError
+from data_tools.pixels import SWAPS_AXES, exif_orientation, to_rgb8
 from trainer.loader.resample import FILTERS, resample_crop
 
 if TYPE_CHECKING:  # config.py imports INTERPOLATIONS from here
     from trainer.loader.config import DataArguments
 
-INTERPOLATIONS = tuple(FILTERS)  # lanczos, bicubic, bilinear, nearest: Pillow's filters, see resample.py
-
-# Errors Pillow raises on corrupt or unsupported data (truncated streams are OSError, decompression bombs
-# are a DecompressionBombError, a ValueError subclass of Image's own). Listed, not `Exception`, so a bug in
-# our code is not counted as a bad image.
-_PIL_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-               EOFError)
+# Pillow's filters, every name paddle.vision.transforms.Resize accepts (see resample.py).
+INTERPOLATIONS = tuple(FILTERS)
 
 
 @dataclass(frozen=True)
@@ -48,33 +49,24 @@ class CropPlan:
 
 
 def open_image(image_bytes: bytes) -> Image.Image:
-    """Header only (Pillow decodes lazily); RecordError('bad_image') when Pillow cannot identify it."""
+    """Header only (Pillow decodes lazily); RecordError('bad_image') when Pillow cannot identify it, or
+    'too_large' when Pillow refuses it as a decompression bomb (over twice its pixel limit)."""
     try:
         with warnings.catch_warnings():
-            # DecompressionBombWarning is promoted to an error: a huge image is a bad record, not a warning
-            # per sample.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our --max_image_pixels decides (ImageTransform._checked_size); Pillow's warning would only repeat it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(io.BytesIO(image_bytes))
-    except (_PIL_ERRORS + (Image.DecompressionBombWarning,)) as e:
+    except Image.DecompressionBombError as e:
+        raise RecordError("too_large", f"{type(e).__name__}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - whatever Pillow raises on one record's bytes is that record's fault
         raise RecordError("bad_image", f"{type(e).__name__}: {e}") from None
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB":
-        return img
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        img.mode == "P" and "transparency" in img.info)
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
 
 
 class ImageTransform:
     """Resize the shorter side to `data.resolution`, crop a square (random or center), optionally flip,
     normalize to [-1, 1], channels first. Reads its settings from the loader's DataArguments (validated
-    there): resolution, interpolation, center_crop, random_flip, min_image_size."""
+    there): resolution, interpolation, center_crop, random_flip, min_image_size, max_image_pixels.
+    Sizes are upright sizes (EXIF orientation applied) throughout."""
 
     def __init__(self, data: "DataArguments"):
         self.data = data
@@ -88,10 +80,19 @@ class ImageTransform:
         return img
 
     def _checked_size(self, img: Image.Image) -> Tuple[int, int]:
-        """(width, height) of an opened image; RecordError('bad_image' | 'too_small') when it cannot be used."""
-        w, h = img.size
+        """Upright (width, height) of an opened image; RecordError('bad_image' | 'too_small' | 'too_large')
+        when it cannot be used."""
+        try:
+            w, h = img.size
+            orientation = exif_orientation(img)
+        except Exception as e:  # noqa: BLE001 - a corrupt EXIF block is the record's fault
+            raise RecordError("bad_image", f"{type(e).__name__}: {e}") from None
         if w < 1 or h < 1:
             raise RecordError("bad_image", f"image size {w}x{h}")
+        if w * h > self.data.max_image_pixels:
+            raise RecordError("too_large", f"{w}x{h} > max_image_pixels {self.data.max_image_pixels}")
+        if orientation in SWAPS_AXES:
+            w, h = h, w
         if min(w, h) < self.data.min_image_size:
             raise RecordError("too_small", f"{w}x{h} < min_image_size {self.data.min_image_size}")
         return w, h
@@ -103,7 +104,7 @@ class ImageTransform:
         return max(r, round(w * scale)), max(r, round(h * scale))
 
     def plan(self, w: int, h: int, rng: np.random.Generator) -> CropPlan:
-        """Crop offsets and flip for an image of original size (w, h). Draws from `rng` in a fixed order
+        """Crop offsets and flip for an image of upright size (w, h). Draws from `rng` in a fixed order
         (left, top, flip) whatever the flags, so flags do not shift other random choices."""
         rw, rh = self.resized_size(w, h)
         r = self.data.resolution
@@ -115,21 +116,27 @@ class ImageTransform:
         return CropPlan(left, top, bool(self.data.random_flip and flip_r < 0.5))
 
     def decode(self, img: Image.Image) -> Image.Image:
-        """Pixels of an opened image as RGB; a JPEG much larger than the target is decoded at a 1/2^k draft
-        scale. Corrupt pixel data raises RecordError('bad_image') here."""
-        w, h = img.size
+        """Pixels of an opened image as upright 8-bit RGB; a JPEG much larger than the target is decoded at a
+        1/2^k draft scale. Any failure while decoding raises RecordError('bad_image')."""
         try:
+            orientation = exif_orientation(img)
+            w, h = img.size  # as stored
             if img.format == "JPEG" and min(w, h) >= 2 * self.data.resolution:
-                # Ask for the resized size: Pillow picks the largest 1/2^k scale that keeps both sides >= it.
-                img.draft("RGB", self.resized_size(w, h))
+                # Ask for the resized size, in stored axes: Pillow picks the largest 1/2^k scale that keeps both
+                # sides >= it.
+                rw, rh = self.resized_size(*((h, w) if orientation in SWAPS_AXES else (w, h)))
+                img.draft("RGB", (rh, rw) if orientation in SWAPS_AXES else (rw, rh))
             img.load()
-            return _to_rgb(img)
-        except _PIL_ERRORS as e:
+            if orientation != 1:  # exif_transpose copies even an upright image: only when there is work
+                img = ImageOps.exif_transpose(img)
+            return to_rgb8(img)
+        except Exception as e:  # noqa: BLE001 - truncated or corrupt pixel data, or a decoder's own failure
             raise RecordError("bad_image", f"{type(e).__name__}: {e}") from None
 
     def crop_box(self, decoded_size: Tuple[int, int], size: Tuple[int, int], plan: CropPlan) -> Tuple[float, ...]:
-        """The crop of `plan` as a box (x0, y0, x1, y1) in the pixels of the decoded image (`decoded_size`, after
-        any draft) of an image whose original size is `size`: resized coords * (decoded / resized)."""
+        """The crop of `plan` as a box (x0, y0, x1, y1) in the pixels of the decoded upright image
+        (`decoded_size`, after any draft) of an image whose upright size is `size`: resized coords * (decoded /
+        resized)."""
         r = self.data.resolution
         (rw, rh), (dw, dh) = self.resized_size(*size), decoded_size
         sx, sy = dw / rw, dh / rh
@@ -139,7 +146,7 @@ class ImageTransform:
     def resize_crop(self, img: Image.Image, size: Tuple[int, int], plan: CropPlan,
                     out: Optional[np.ndarray] = None) -> np.ndarray:
         """The R x R crop of `plan` as float32 [3, R, R] in [-1, 1] (into `out` when given), computed from
-        the decoded RGB `img` of an image whose original size is `size`: only the crop box is resampled."""
+        the decoded upright RGB `img` of an image whose upright size is `size`: only the crop box is resampled."""
         # Not wrapped in RecordError: the pixels are loaded by now, so an error here is a bug, not bad data.
         return resample_crop(img, self.crop_box(img.size, size, plan), self.data.resolution, self.data.interpolation,
                              plan.flip, out)
@@ -148,11 +155,11 @@ class ImageTransform:
         """float32 [3, R, R] in [-1, 1] from an image from `open_checked`, written into `out` when given (a
         slot of the batch array, which saves an allocation and the copy of stacking). Raises
         RecordError('bad_image') when the pixel data is corrupt."""
-        w, h = img.size
-        plan = self.plan(w, h, rng)
-        return self.resize_crop(self.decode(img), (w, h), plan, out)
+        size = self._checked_size(img)
+        plan = self.plan(*size, rng)
+        return self.resize_crop(self.decode(img), size, plan, out)
 
     def __call__(self, image_bytes: bytes, rng: np.random.Generator,
                  out: Optional[np.ndarray] = None) -> np.ndarray:
-        """`apply` on encoded bytes. Raises RecordError('bad_image' | 'too_small')."""
+        """`apply` on encoded bytes. Raises RecordError('bad_image' | 'too_small' | 'too_large')."""
         return self.apply(self.open_checked(image_bytes), rng, out)
