@@ -27,7 +27,7 @@ from typing import List, Mapping, NamedTuple, Optional, Tuple
 
 from paddlenlp.trainer import TrainingArguments
 
-from sd.components import Components, resolve_components
+from sd.components import Components, read_config, resolve_components
 from sd.config import build_parser, parse_args, save_config
 from sd.device import DeviceFacts, resolve_model_features, resolve_precision
 from trainer.loader.config import DataArguments
@@ -183,6 +183,7 @@ def resolve_train(model: ModelArguments, data: DataArguments, training: SDTraini
     components = resolve_components(
         "train", model.pretrained_model_name_or_path, vae=model.vae_name_or_path,
         text_encoder=model.text_encoder_name_or_path, tokenizer=model.tokenizer_name, unet=model.unet_name_or_path)
+    check_model_max_length(model.model_max_length, components)
     precision, precision_notices = resolve_precision(training.fp16, training.bf16, training.fp16_opt_level, device)
     features, feature_notices = resolve_model_features(
         model.enable_xformers_memory_efficient_attention, model.use_fused_linear, device)
@@ -204,6 +205,15 @@ def resolve_train(model: ModelArguments, data: DataArguments, training: SDTraini
                              fused_linear=features.fused_linear, static_unet=bool(training.to_static)),
         unet_learning_rate=unet_lr, text_encoder_learning_rate=model.text_encoder_learning_rate or unet_lr,
         notices=tuple(precision_notices + feature_notices), aliases=tuple(aliases))
+
+
+def check_model_max_length(model_max_length: int, components: Components) -> None:
+    """The tokenizer pads to --model_max_length and the text encoder must embed that many positions: a longer
+    length would fail at the first step with a shape error deep in the text encoder, so it is refused here."""
+    positions = read_config(os.path.join(components.text_encoder, "config.json")).get("max_position_embeddings")
+    if positions is not None and model_max_length > positions:
+        raise ValueError(f"--model_max_length {model_max_length} exceeds the text encoder's max_position_embeddings "
+                         f"{positions} ({components.text_encoder}): use --model_max_length {positions} or less")
 
 
 @dataclass(frozen=True)

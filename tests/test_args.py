@@ -80,10 +80,11 @@ def test_mistyped_paths_are_errors_never_random_init(tmp_path, file_list, flag, 
     (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
     (["--seed", "-5"], "--seed"),
     (["--max_nonfinite_steps", "0"], "max_nonfinite_steps"),
+    (["--model_max_length", "1000"], "exceeds the text encoder's max_position_embeddings 77"),
 ])
 def test_bad_values_name_the_flag(tmp_path, file_list, extra, match):
-    with pytest.raises(ValueError, match=match):
-        parse(*base(file_list, tmp_path / "o", *extra))
+    with pytest.raises(ValueError, match=match):  # at parse, or at resolve (against the model's own config)
+        resolve(*base(file_list, tmp_path / "o", *extra))
 
 
 def test_a_value_outside_the_choices_is_a_parse_error(tmp_path, file_list, capsys):
