@@ -377,9 +377,14 @@ def manifest_for_filelist(filelist: str) -> Optional[str]:
     return path if os.path.isfile(path) else None
 
 
+LATENT_DATA_FORMAT = "sd_latents"  # the datasets of precompute_latents.py (data_tools/latent_format.py)
+
+
 def read_manifest(path: str) -> dict:
     with open(path, encoding="utf-8") as f:
         manifest = json.load(f)
+    if manifest.get("data_format") == LATENT_DATA_FORMAT:  # data_tools/latent_format.py checks its own version
+        return manifest
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
@@ -391,10 +396,13 @@ def read_manifest(path: str) -> dict:
 def data_format_of(filelist: str, explicit: Optional[str]) -> str:
     """The format of a source: the explicit argument wins, then the dataset's manifest, else laion400m (the
     reference's default). Never guessed from a file name."""
+    m = manifest_for_filelist(filelist)
+    found = read_manifest(m)["data_format"] if m else None
     if explicit:
         if explicit not in DATA_FORMATS:
             raise ValueError(f"--data_format {explicit!r} not in {DATA_FORMATS}")
+        if found == LATENT_DATA_FORMAT:
+            raise ValueError(f"--data_format {explicit}: {filelist} is a latent dataset ({m}), not image parts")
         return explicit
-    m = manifest_for_filelist(filelist)
-    return read_manifest(m)["data_format"] if m else "laion400m"
+    return found or "laion400m"
 
