@@ -9,6 +9,10 @@ Parse (sd/args.py parse_train: the flags, and the reference's FLAG_* variables),
 (resolve_train: components, precision, features, learning rates, notices), then build and run; the resolved
 config is logged and saved as output_dir/train_config.json and in every checkpoint. A finished run leaves
 output_dir as a pipeline folder (StableDiffusionPipeline.from_pretrained(output_dir)).
+
+--file_list may name a latent dataset (precompute_latents.py): the loader then streams cached VAE moments (and
+text embeddings), the step skips the VAE (and the text encoder), and resolve_train refuses a dataset made with
+another VAE, scaling factor, resolution, text encoder or tokenizer in one line.
 """
 from __future__ import annotations
 
@@ -62,6 +66,8 @@ def start(argv=None):
     log_run_config(run)
     for alias in run.aliases:
         logger.info("PaddleMIX: %s", alias)
+    for notice in run.data_notices:
+        logger.warning("data: %s", notice)
     return run, resolve_checkpoint(run.training)
 
 

@@ -96,6 +96,8 @@ def main(argv=None):
 
     model = VAEModel(run.vae, run.vae.build(trust_pickled=run.training.trust_pickled_checkpoint))
     dataset = build_dataset(run.data, run.training, None)
+    if dataset.latents:
+        raise ValueError(f"--file_list {run.data.file_list} is a latent dataset: the VAE stage trains on images")
     logger.info("data: %s", dataset.describe())
     trainer = StreamingTrainer(model=model, args=run.training, train_dataset=dataset, run_config=run)
     trainer.save_run_config(run.training.output_dir)

@@ -11,7 +11,10 @@ part path, 1-based line, epoch, and input_ids when a tokenizer is given) and D/i
 resolved config), then prints the skip counters as JSON. Batch size 1 and a single in-process worker (logical
 worker 0 of rank 0), so the samples are the first ones rank 0's first worker would train on with the same flags.
 The first line printed describes the sources, including where each filelist and its parts were found (the list's
-own folder, the working folder, or absolute paths). A stream that cannot yield (too many bad records in a row)
+own folder, the working folder, or absolute paths). A latent dataset's --file_list (precompute_latents.py) needs
+--pretrained_model_name_or_path or --vae_name_or_path: its samples' cached posterior means are decoded through that
+VAE (checked against the manifest's sha256) into grid.png, and samples.jsonl names the shard ("part"), the image
+part's line, the flip and the cached input_ids. A stream that cannot yield (too many bad records in a row)
 ends with its one-line reason on stderr and exit status 1, as training would.
 """
 from __future__ import annotations
@@ -40,6 +43,12 @@ class InspectArguments:
     tokenizer: Optional[str] = field(
         default=None, metadata={"help": "A CLIPTokenizer folder; adds input_ids to samples.jsonl."})
     model_max_length: int = field(default=77, metadata={"help": "Tokenizer padding/truncation length."})
+    pretrained_model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "A latent dataset's --file_list only: the init or pipeline folder whose "
+                                        "vae/ decodes the cached latents into grid.png."})
+    vae_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "A latent dataset's --file_list only: the AutoencoderKL folder that "
+                                        "decodes the cached latents (wins over --pretrained_model_name_or_path)."})
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -50,6 +59,15 @@ class InspectArguments:
             raise ValueError(f"--model_max_length must be >= 2, got {self.model_max_length}")
         if self.tokenizer is not None and not os.path.isdir(self.tokenizer):
             raise FileNotFoundError(f"--tokenizer: no such folder: {self.tokenizer}")
+        for flag, path in (("--pretrained_model_name_or_path", self.pretrained_model_name_or_path),
+                           ("--vae_name_or_path", self.vae_name_or_path)):
+            if path is not None and not os.path.isdir(path):
+                raise FileNotFoundError(f"{flag}: no such folder: {path}")
+
+    def vae_folder(self) -> Optional[str]:
+        if self.vae_name_or_path:
+            return self.vae_name_or_path
+        return os.path.join(self.pretrained_model_name_or_path, "vae") if self.pretrained_model_name_or_path else None
 
 
 @dataclass(frozen=True)
@@ -62,12 +80,39 @@ class InspectRun:
     file_list: str
     output_dir: str
     tokenizer: Optional[str]
+    vae: Optional[str] = None  # decodes a latent dataset's samples
 
 
 def resolve(data: DataArguments, inspect: InspectArguments) -> InspectRun:
+    vae = inspect.vae_folder()
+    if vae is not None and not os.path.isfile(os.path.join(vae, "config.json")):
+        raise FileNotFoundError(f"--vae_name_or_path / --pretrained_model_name_or_path: no AutoencoderKL at {vae} "
+                                "(no config.json)")
     return InspectRun(data, inspect, file_list=os.path.abspath(data.file_list),
                       output_dir=os.path.abspath(inspect.output_dir),
-                      tokenizer=os.path.abspath(inspect.tokenizer) if inspect.tokenizer else None)
+                      tokenizer=os.path.abspath(inspect.tokenizer) if inspect.tokenizer else None,
+                      vae=os.path.abspath(vae) if vae else None)
+
+
+def decode_latents(run: InspectRun, manifest: dict, means: np.ndarray) -> np.ndarray:
+    """The cached posterior means [N, C, h, w] through the VAE they were made with (checked by its weights'
+    sha256): NCHW images in [-1, 1], what the model trains on (up to the posterior's sampling noise)."""
+    from data_tools.latent_format import folder_fingerprint
+
+    if run.vae is None:
+        raise ValueError(f"--file_list {run.data.file_list} is a latent dataset: pass --pretrained_model_name_or_path "
+                         "or --vae_name_or_path to decode its latents into grid.png")
+    if folder_fingerprint(run.vae, weights=True) != {k: manifest["dependencies"]["vae"][k]
+                                                      for k in ("config", "weights_sha256")}:
+        raise ValueError(f"--vae_name_or_path {run.vae}: not the VAE the latents were made with (config or weights "
+                         "sha256 differ from the manifest)")
+    import paddle
+    from ppdiffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(run.vae)
+    vae.eval()
+    with paddle.no_grad():
+        return np.clip(vae.decode(paddle.to_tensor(means)).sample.numpy(), -1.0, 1.0)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -83,6 +128,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ds = TextImageDataset(run.data, tokenizer, batch_size=1, rank=0, world_size=1, num_workers=0,
                           seed=run.inspect.seed, model_max_length=run.inspect.model_max_length)
     print(ds.describe())
+    if ds.latents and run.vae is None:
+        print(f"error: --file_list {run.data.file_list} is a latent dataset: pass --pretrained_model_name_or_path "
+              "or --vae_name_or_path to decode its latents into grid.png", file=sys.stderr)
+        return 1
     try:
         stream = ds.open_stream(0)
         samples = [stream.next_sample() for _ in range(run.inspect.num_samples)]
@@ -92,15 +141,22 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     os.makedirs(run.output_dir, exist_ok=True)
     save_config(os.path.join(run.output_dir, CONFIG_NAME), run)
-    grid(list(to_uint8(np.stack([s.pixel_values for s in samples])))).save(os.path.join(run.output_dir, "grid.png"))
+    if ds.latents:
+        pixels = decode_latents(run, ds.latent_manifests[0], np.stack([s.mean for s in samples]))
+    else:
+        pixels = np.stack([s.pixel_values for s in samples])
+    grid(list(to_uint8(pixels))).save(os.path.join(run.output_dir, "grid.png"))
     ids = ds.tokenize([s.caption for s in samples]) if tokenizer is not None else None
     lines = []
     for i, s in enumerate(samples):
         src, epoch, _, line = s.ref
+        line = s.source_line if ds.latents else line
         rec = {"index": i, "caption": s.caption, "raw_caption": s.raw_caption,
                "caption_dropped": s.caption == "" and s.raw_caption != "",
                "source": ds.sources[src].filelist, "part": s.part_path, "line": line + 1, "epoch": epoch}
-        if ids is not None:
+        if ds.latents:
+            rec.update(flipped=s.flipped, input_ids=s.input_ids.tolist())
+        elif ids is not None:
             rec["input_ids"] = ids[i].tolist()
         lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
     write_text_atomic(os.path.join(run.output_dir, "samples.jsonl"), "".join(lines))

@@ -246,16 +246,21 @@ _WEIGHTED_LINE = re.compile(r"^(.*?\S)\s+(\S+)$")
 _MAX_LIST_BYTES = 256 << 20  # a list of 1M parts with 200-character paths; anything larger is not a list
 
 
+def listed_candidates(path: str, naming_file: str) -> List[Tuple[str, str]]:
+    """(candidate, base) in the order a path named in `naming_file` is looked for: itself when absolute, else the
+    list's own folder, then the working folder."""
+    path = os.path.expanduser(path)
+    if os.path.isabs(path):
+        return [(os.path.normpath(path), BASE_ABSOLUTE)]
+    return [(os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(naming_file)), path)), BASE_LIST_FOLDER),
+            (os.path.normpath(os.path.join(os.getcwd(), path)), BASE_WORKING_FOLDER)]
+
+
 def resolve_listed(path: str, naming_file: str, line: int, what: str) -> Tuple[str, str]:
     """(absolute path, base used) of a path named on line `line` of `naming_file`: see the order above. A path
     that names no regular file at either place is a FileNotFoundError naming every place tried."""
     path = os.path.expanduser(path)
-    if os.path.isabs(path):
-        tried = [(os.path.normpath(path), BASE_ABSOLUTE)]
-    else:
-        tried = [(os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(naming_file)), path)),
-                  BASE_LIST_FOLDER),
-                 (os.path.normpath(os.path.join(os.getcwd(), path)), BASE_WORKING_FOLDER)]
+    tried = listed_candidates(path, naming_file)
     for candidate, base in tried:
         if os.path.isfile(candidate):
             return candidate, base
@@ -264,7 +269,7 @@ def resolve_listed(path: str, naming_file: str, line: int, what: str) -> Tuple[s
     raise FileNotFoundError(f"{naming_file}:{line}: {what} not found: {path!r}; tried {places}")
 
 
-def _list_lines(path: str, what: str) -> List[Tuple[int, str]]:
+def list_lines(path: str, what: str) -> List[Tuple[int, str]]:
     """(1-based line number, stripped text) of the non-blank, non-comment lines of a list file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}" + (" (not a regular file)" if os.path.exists(path) else ""))
@@ -296,7 +301,7 @@ class Source:
 
 def _read_filelist(path: str) -> Tuple[List[str], List[str]]:
     parts, bases = [], []
-    for n, s in _list_lines(path, "filelist"):
+    for n, s in list_lines(path, "filelist"):
         part, base = resolve_listed(s, path, n, "part")
         parts.append(part)
         bases.append(base)
@@ -330,7 +335,7 @@ def read_filelist_list(path: str) -> List[Source]:
     """Sources of a `.filelist.list`: each line `path/to/x.filelist [weight]`. Missing files, weights that are not
     finite and > 0, and lists that name themselves are errors naming the file and the line."""
     sources = []
-    for n, s in _list_lines(path, "--file_list"):
+    for n, s in list_lines(path, "--file_list"):
         fl_text, weight_text = parse_weighted_line(s)
         weight = 1.0
         if weight_text is not None:

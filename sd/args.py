@@ -12,7 +12,9 @@ its flag placed before the command line's, so an explicit flag still wins.
 `resolve_train` then turns the parsed arguments and the device into a new, frozen `TrainRun`: where every model
 component comes from (sd/components.py, the one resolver shared with eval), the precision and model features this
 device runs, the learning rates, the notices, and what each reference spelling became (`aliases`: the FLAG_*
-variables taken or overridden, `--report_to custom_visualdl`). The parsed arguments are never changed; the
+variables taken or overridden, `--report_to custom_visualdl`), and whether --file_list is a latent dataset that fits
+the run (check_latents: its manifest against the resolved VAE, text encoder, tokenizer and data flags, refused in
+one line). The parsed arguments are never changed; the
 TrainRun is what runs, what is logged, and what is saved as train_config.json in output_dir and in every
 checkpoint.
 """
@@ -165,6 +167,8 @@ class TrainRun:
     text_encoder_learning_rate: float
     notices: Tuple[str, ...]  # what this device cannot do, and what runs instead
     aliases: Tuple[str, ...] = ()  # the reference's spellings taken here (FLAG_* variables, custom_visualdl)
+    latents: bool = False  # --file_list is a latent dataset (precompute_latents.py): the VAE is not run
+    data_notices: Tuple[str, ...] = ()  # what training from that latent dataset means for this run
 
     def save(self, folder: str) -> str:
         return save_config(f"{folder.rstrip('/')}/{TRAIN_CONFIG_NAME}", self)
@@ -184,6 +188,7 @@ def resolve_train(model: ModelArguments, data: DataArguments, training: SDTraini
         "train", model.pretrained_model_name_or_path, vae=model.vae_name_or_path,
         text_encoder=model.text_encoder_name_or_path, tokenizer=model.tokenizer_name, unet=model.unet_name_or_path)
     check_model_max_length(model.model_max_length, components)
+    latents, latent_notices = check_latents(model, data, components)
     precision, precision_notices = resolve_precision(training.fp16, training.bf16, training.fp16_opt_level, device)
     features, feature_notices = resolve_model_features(
         model.enable_xformers_memory_efficient_attention, model.use_fused_linear, device)
@@ -204,7 +209,36 @@ def resolve_train(model: ModelArguments, data: DataArguments, training: SDTraini
                              memory_efficient_attention=features.memory_efficient_attention,
                              fused_linear=features.fused_linear, static_unet=bool(training.to_static)),
         unet_learning_rate=unet_lr, text_encoder_learning_rate=model.text_encoder_learning_rate or unet_lr,
-        notices=tuple(precision_notices + feature_notices), aliases=tuple(aliases))
+        notices=tuple(precision_notices + feature_notices), aliases=tuple(aliases),
+        latents=latents, data_notices=tuple(latent_notices))
+
+
+def check_latents(model: ModelArguments, data: DataArguments, components: Components) -> Tuple[bool, List[str]]:
+    """Whether --file_list is a latent dataset, and the notices of training from it. A dataset made with another
+    VAE, scaling factor, resolution, interpolation, tokenizer, text encoder or length, without the mirrored
+    moments --random_flip needs, or with cached embeddings under --train_text_encoder, is refused in one line.
+    --center_crop False is a notice: the cache holds the center crop, which is what trains."""
+    from data_tools.latent_format import check_compatible
+    from trainer.loader.latent_stream import listed_latent_manifests
+
+    listed = listed_latent_manifests(data.file_list)
+    if not listed or listed[0][1] is None:
+        return False, []
+    scaling = read_config(os.path.join(components.vae, "config.json")).get("scaling_factor", 0.18215)
+    for filelist, manifest in listed:
+        problems = check_compatible(
+            manifest, components.vae, components.text_encoder, components.tokenizer, data.resolution, scaling,
+            model_max_length=model.model_max_length, center_crop=True, random_flip=data.random_flip,
+            interpolation=data.interpolation, train_text_encoder=model.train_text_encoder)
+        if problems:
+            raise ValueError(f"--file_list: the latent dataset {filelist} does not fit this run: "
+                             + "; ".join(problems))
+    notices = ["training from cached latents (--file_list is a latent dataset): the VAE"
+               + (" and the text encoder are" if listed[0][1]["dependencies"]["text_embeddings"] else " is")
+               + " not run"]
+    if not data.center_crop:
+        notices.append("--center_crop False: the latent dataset holds the center crop, which is what trains")
+    return True, notices
 
 
 def check_model_max_length(model_max_length: int, components: Components) -> None:

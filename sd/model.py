@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+from typing import Optional
 
 import paddle
 from paddle import nn
@@ -252,24 +253,33 @@ class LatentDiffusionModel(nn.Layer):
         with paddle.no_grad():
             return self.text_encoder(input_ids)[0]
 
-    def forward(self, input_ids: paddle.Tensor, pixel_values: paddle.Tensor, sample_keys=None,
+    def forward(self, input_ids: Optional[paddle.Tensor] = None, pixel_values: Optional[paddle.Tensor] = None,
+                sample_keys=None, latent_mean: Optional[paddle.Tensor] = None,
+                latent_std: Optional[paddle.Tensor] = None, encoder_hidden_states: Optional[paddle.Tensor] = None,
                 **kwargs) -> paddle.Tensor:
         """The training loss. `sample_keys` ([B] ints, from the Trainer) key each sample's random draws, so a
         sample's noise, timestep and VAE draw depend only on (seed, micro-step, global sample index): the same on
-        1 card with batch 2B as on 2 cards with batch B, and the same after a resume."""
+        1 card with batch 2B as on 2 cards with batch B, and the same after a resume.
+
+        From a latent dataset the batch holds the cached posterior (latent_mean, latent_std, unscaled) instead of
+        pixel_values, and encoder_hidden_states instead of input_ids when the text embeddings are cached: the VAE
+        (and the text encoder) are skipped, and the posterior is sampled with the same keyed draw."""
         args = self.model_args
-        with paddle.no_grad():
-            posterior = self.vae.encode(pixel_values).latent_dist
-        shape = posterior.mean.shape
+        if latent_mean is None:
+            with paddle.no_grad():
+                posterior = self.vae.encode(pixel_values).latent_dist
+            latent_mean, latent_std = posterior.mean, posterior.std
+        shape = latent_mean.shape
         d = losses.sample_draws(sample_keys, shape, self.noise_scheduler.config.num_train_timesteps)
         with paddle.no_grad():
-            latents = (posterior.mean + posterior.std * d["vae"].astype(posterior.mean.dtype)) * self.scaling_factor
+            latents = (latent_mean + latent_std * d["vae"].astype(latent_mean.dtype)) * self.scaling_factor
         noise = losses.offset_noise(d["noise"], args.noise_offset, d["offset"]).astype(latents.dtype)
         input_noise = losses.perturb_noise(noise, args.input_perturbation, d["perturb"].astype(latents.dtype))
         timesteps = d["timesteps"]
         noisy_latents = self.noise_scheduler.add_noise(latents, input_noise, timesteps)
         target = losses.diffusion_target(self.prediction_type, latents, noise, timesteps, self.noise_scheduler)
-        encoder_hidden_states = self.encode_text(input_ids)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = self.encode_text(input_ids)
         pred = self.unet(noisy_latents, timesteps, encoder_hidden_states).sample
         weights = None
         if args.snr_gamma is not None:

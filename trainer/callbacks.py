@@ -108,8 +108,9 @@ class BenchmarkCallback(TrainerCallback):
         now = time.perf_counter()
         if self._t_end is not None:
             self.reader_cost += now - self._t_end
-        if inputs is not None and "pixel_values" in inputs:
-            self.samples += int(inputs["pixel_values"].shape[0])
+        for key in ("pixel_values", "latent_mean"):
+            if inputs is not None and key in inputs:
+                self.samples += int(inputs[key].shape[0])
 
     def on_step_end(self, args, state, control, **kwargs):
         now = time.perf_counter()

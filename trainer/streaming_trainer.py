@@ -99,7 +99,7 @@ class StreamingTrainer(Trainer):
             self._rng_checkpoint = None
         inputs = self.loader_tracker.consume(inputs)
         if self.model.uses_sample_keys:
-            inputs["sample_keys"] = self.sample_keys(int(inputs["pixel_values"].shape[0]))
+            inputs["sample_keys"] = self.sample_keys(batch_size_of(inputs))
         self._micro_step += 1
         return super().training_step(model, inputs)
 
@@ -287,3 +287,8 @@ class StreamingTrainer(Trainer):
                 f"{os.path.join(checkpoint, name)}: this checkpoint keeps its state pickled (an older version of "
                 f"the recipe): loading a pickle can run code; pass {ckpt.TRUST_FLAG} if you made it")
         logger.warning("%s: loading the pickled %s of %s (trusted)", ckpt.TRUST_FLAG, name, checkpoint)
+
+
+def batch_size_of(inputs) -> int:
+    """The samples in a batch: of its images, or of its cached latents (a latent dataset)."""
+    return int(inputs["pixel_values" if "pixel_values" in inputs else "latent_mean"].shape[0])

@@ -2,7 +2,8 @@
 
 `DataArguments` is what train.py, train_vae.py and scripts/preflight.py parse (sd/args.py imports it from
 here), what data_tools/inspect_data.py parses, and what TextImageDataset, its sample streams and its image
-transform read. Values that belong to other sections (the seed, the tokenizer's length, the worker layout)
+transform read (a latent dataset's file list is told by its manifest, not by a flag: trainer/loader/latent_stream.py).
+Values that belong to other sections (the seed, the tokenizer's length, the worker layout)
 are passed to TextImageDataset beside it, never copied into it. A variant, such as train_vae.py's held-out
 eval pass, is `dataclasses.replace(data_args, ...)`, which validates again.
 
@@ -50,7 +51,8 @@ def _also_accepts(*aliases: str) -> type:
 class DataArguments:
     file_list: str = field(
         default=None,
-        metadata={"help": "A .filelist.list (each line: x.filelist [weight]), as create_pretraining_data.py writes. "
+        metadata={"help": "A .filelist.list (each line: x.filelist [weight]), as create_pretraining_data.py (image "
+                          "parts) or precompute_latents.py (a latent dataset: cached VAE moments) writes. "
                           "Relative paths in it (and in its filelists) are looked for in the list's own folder, "
                           "then in the working folder."})
     resolution: int = field(

@@ -1,5 +1,10 @@
-"""Streaming text-image dataset for Stable Diffusion pretraining: weighted sources of laion-format parts,
-sharded over ranks x DataLoader workers, deterministic, exactly resumable, robust to bad records.
+"""Streaming text-image dataset for Stable Diffusion pretraining: weighted sources of laion-format parts (or of a
+latent dataset's shards, precompute_latents.py), sharded over ranks x DataLoader workers, deterministic, exactly
+resumable, robust to bad records.
+
+A file list whose filelists have a "sd_latents" manifest (data_tools/latent_format.py) streams cached VAE moments
+through latent_stream.py, with the same sharding, weights, state and error path; a list mixing latent datasets
+and image parts is a start error.
 
 Pieces: config.py (DataArguments: the data section of the training arguments, the only configuration),
 sharding.py (who reads what), transforms.py (image -> tensor), sample_stream.py (one worker's stream),
@@ -28,6 +33,7 @@ import paddle
 
 from data_tools.part_format import data_format_of, read_filelist_list
 from trainer.loader.config import DataArguments
+from trainer.loader.latent_stream import LatentWorkerStream, latent_manifests
 from trainer.loader.loader_state import (ERROR_KEY, LoaderStateTracker, ResumePlan, batch_state, fresh_plan,
                                         load_state_file, plan_resume)
 from trainer.loader.sample_stream import LoaderError, Sample, SourceSpec, StreamConfig, WorkerStream, failure_line
@@ -42,7 +48,7 @@ logger = logging.getLogger("trainer.loader")
 
 class TextImageDataset(paddle.io.IterableDataset):
     """Yields complete batches: {"pixel_values": float32 [B,3,R,R] in [-1,1], "input_ids": int64 [B,L]
-    (absent when tokenizer is None), "loader_state": JSON str}."""
+    (absent when tokenizer is None), "loader_state": JSON str}; from a latent dataset, _latent_batches' keys."""
 
     def __init__(self, data: DataArguments, tokenizer: Any, batch_size: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, *, seed: int,
@@ -59,15 +65,24 @@ class TextImageDataset(paddle.io.IterableDataset):
         self.data, self.tokenizer, self.batch_size = data, tokenizer, batch_size
         self.seed, self.model_max_length, self.num_workers = seed, model_max_length, num_workers
         self.layout = WorkerLayout(rank, world_size, num_workers)
+        self.text_embeddings = False
         # Validates the file list now, naming any missing filelist or part, rather than in a worker later.
         listed = read_filelist_list(data.file_list)
-        self.sources = [SourceSpec(src.filelist, src.weight, src.parts, data_format_of(src.filelist,
-                                                                                       data.data_format))
+        self.latent_manifests = latent_manifests(data.file_list, [src.filelist for src in listed])
+        self.latents = bool(listed) and self.latent_manifests[0] is not None
+        # A latent filelist's format is its manifest's "sd_latents"; --data_format names image formats only.
+        self.sources = [SourceSpec(src.filelist, src.weight, src.parts, data_format_of(src.filelist, data.data_format))
                         for src in listed]
         self.bases = [(src.base, src.parts_base) for src in listed]
         for notice in data.notices():
             logger.warning("%s", notice)
         self.transform = ImageTransform(data)
+        if self.latents:  # cached text embeddings: every source must have them, or none
+            kinds = {bool(m["dependencies"]["text_embeddings"]) for m in self.latent_manifests}
+            if len(kinds) > 1:
+                raise ValueError(f"--file_list {data.file_list}: some latent datasets hold text embeddings and "
+                                 "some do not: precompute them alike")
+            self.text_embeddings = kinds.pop()
         self.resume_plan: ResumePlan = fresh_plan(self.layout.workers_per_rank)
 
     # ------------------------------------------------------------------------------------------ state
@@ -102,14 +117,18 @@ class TextImageDataset(paddle.io.IterableDataset):
                                f"num_workers={self.num_workers}")
         return (physical + self.resume_plan.next_logical) % self.layout.workers_per_rank
 
-    def open_stream(self, logical_worker: int) -> WorkerStream:
+    def open_stream(self, logical_worker: int):
+        """The logical worker's stream: a WorkerStream of images, or a LatentWorkerStream of a latent dataset."""
         scfg = StreamConfig(self.data, self.seed, f"rank {self.layout.rank}")
+        if self.latents:
+            return LatentWorkerStream(self.sources, self.layout, logical_worker, scfg,
+                                      self.resume_plan.workers[logical_worker])
         return WorkerStream(self.sources, self.layout, logical_worker, self.transform, scfg,
                             self.resume_plan.workers[logical_worker])
 
     def iter_samples(self, logical_worker: Optional[int] = None) -> Iterator[Sample]:
-        """Single samples with their metadata (caption, source, part, line): used by __iter__ and by
-        data_tools/inspect_data.py."""
+        """Single samples with their metadata (caption, source, part, line): used by
+        data_tools/inspect_data.py (latent_stream.LatentSample for a latent dataset)."""
         stream = self.open_stream(self._logical_worker() if logical_worker is None else logical_worker)
         while True:
             with single_thread_blas():
@@ -142,6 +161,9 @@ class TextImageDataset(paddle.io.IterableDataset):
         batches = int(saved.get("batches", 0)) if saved else 0
         g = self.layout.global_id(logical)
         r = self.data.resolution
+        if self.latents:
+            yield from self._latent_batches(stream, logical, g, batches)
+            return
         while True:
             # A fresh array per batch (the consumer keeps the previous one); samples decode straight into it.
             pixels = np.empty((self.batch_size, 3, r, r), dtype=np.float32)
@@ -151,6 +173,23 @@ class TextImageDataset(paddle.io.IterableDataset):
             batch: Dict[str, Any] = {"pixel_values": pixels}
             if self.tokenizer is not None:
                 batch["input_ids"] = self.tokenize([s.caption for s in samples])
+            batch["loader_state"] = batch_state(logical, g, stream.state(), batches)
+            yield batch
+
+
+    def _latent_batches(self, stream: LatentWorkerStream, logical: int, g: int, batches: int
+                        ) -> Iterator[Dict[str, Any]]:
+        """{"latent_mean", "latent_std": float32 [B,C,h,w] (unscaled posterior), "input_ids": int64 [B,L] or
+        "encoder_hidden_states": float32 [B,L,D] when the text embeddings are cached, "loader_state"}."""
+        while True:
+            samples = [stream.next_sample() for _ in range(self.batch_size)]
+            batches += 1
+            batch: Dict[str, Any] = {"latent_mean": np.stack([s.mean for s in samples]),
+                                     "latent_std": np.stack([s.std for s in samples])}
+            if self.text_embeddings:
+                batch["encoder_hidden_states"] = np.stack([s.text for s in samples]).astype(np.float32)
+            else:
+                batch["input_ids"] = np.stack([s.input_ids for s in samples]).astype(np.int64)
             batch["loader_state"] = batch_state(logical, g, stream.state(), batches)
             yield batch
 
