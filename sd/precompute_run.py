@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from data_tools import latent_format as lf
 from data_tools.fileio import atomic_writer, write_json_atomic, write_text_atomic
@@ -51,12 +51,15 @@ def existing_outputs(run: PrecomputeRun) -> List[str]:
     return found
 
 
-def prepare_output(run: PrecomputeRun, rank: int) -> None:
-    """Every rank checks (same answer everywhere); rank 0 deletes. The caller synchronises after."""
+def prepare_output(run: PrecomputeRun, rank: int, barrier: Callable[[], None]) -> None:
+    """Every rank checks (the same answer everywhere), all ranks meet, then rank 0 deletes and writes: without the
+    meeting a slow rank would see rank 0's fresh config file and take it for an existing dataset. The caller
+    synchronises after."""
     found = existing_outputs(run)
     if found and not (run.args.resume or run.args.overwrite):
         raise ValueError(f"latent dataset {run.args.output_name!r} already exists in {run.output_path} "
                          f"({len(found)} files): pass --resume to complete it or --overwrite to replace it")
+    barrier()
     if rank != 0:
         return
     for path in found:
@@ -177,9 +180,9 @@ def precompute(run: PrecomputeRun) -> Optional[dict]:
     # training's launch checks: shared output folder, the same input on every rank, the rank watchdog
     guard = rank_preflight(SimpleNamespace(output_dir=run.output_path, dataloader_num_workers=0),
                            run.data, None)
-    prepare_output(run, rank)
-    if world > 1:
-        dist.barrier()
+    barrier = dist.barrier if world > 1 else (lambda: None)
+    prepare_output(run, rank, barrier)
+    barrier()
     t0 = time.monotonic()
     entries = run_rank(run, rank, world)
     gathered: List[List[dict]] = []
