@@ -25,10 +25,9 @@ import numpy as np
 
 from data_tools.latent_format import LatentShard, latent_manifest_of
 from data_tools.part_format import list_lines, listed_candidates, parse_weighted_line
-from trainer.loader.sample_stream import (SOURCE_ADVICE, TAG_SAMPLE, LoaderError, Ref, SkipCounter, SourceSpec,
-                                          StreamConfig, failure_line, fresh_cursor_state)
-from trainer.loader.sharding import (WorkerLayout, buffer_pick, choose_source, keeps_line, sharding_mode,
-                                     worker_parts)
+from trainer.loader.sample_stream import (SOURCE_ADVICE, TAG_SAMPLE, CursorPosition, LoaderError, Ref, SkipCounter,
+                                          SourceSpec, StreamConfig, failure_line, fresh_cursor_state)
+from trainer.loader.sharding import WorkerLayout, buffer_pick, choose_source, keeps_line, worker_parts
 
 OPEN_SHARDS = 16  # open shard files kept per worker (the buffer references records of recent shards)
 
@@ -77,33 +76,16 @@ class ShardCache:
         return entry
 
 
-class LatentCursor:
+class LatentCursor(CursorPosition):
     """Reads one latent source's records for one global worker, looping over epochs forever. `line` in its state
     is the next record index within the current shard."""
 
+    FAILED = "shards or records in a row failed"
+
     def __init__(self, index: int, spec: SourceSpec, layout: WorkerLayout, global_worker: int, seed: int,
                  shards: ShardCache, skips: SkipCounter, max_bad: int, state: Dict[str, int]):
-        self.index, self.spec, self.seed, self.shards, self.skips = index, spec, seed, shards, skips
-        self.g, self.G = global_worker, layout.global_workers
-        self.mode = sharding_mode(len(spec.parts), self.G)
-        self.max_bad = max_bad
-        self.max_empty_epochs = 10 * self.G + 10  # as sample_stream.SourceCursor
-        self.epoch, self.pos, self.line = state["epoch"], state["pos"], state["line"]
-        self.fails, self.hits, self.empty = state["fails"], state["hits"], state["empty"]
-        self.bad = state.get("bad", 0)
-        self._order_epoch, self._order = -1, []
-
-    def state(self) -> Dict[str, int]:
-        return {"epoch": self.epoch, "pos": self.pos, "line": self.line, "fails": self.fails,
-                "hits": self.hits, "empty": self.empty, "bad": self.bad}
-
-    def failed(self, reason: str, detail: str) -> None:
-        self.skips.add(reason, detail)
-        self.bad += 1
-        if self.bad >= self.max_bad:
-            raise LoaderError(failure_line(
-                self.skips.where, f"source {self.spec.filelist}: {self.bad} shards or records in a row failed "
-                f"(the last: {reason}: {detail[:300]})", self.skips.counts, SOURCE_ADVICE))
+        self._start(index, spec, layout, global_worker, seed, skips, max_bad, state)
+        self.shards = shards
 
     def _end_epoch(self) -> None:
         self.empty = self.empty + 1 if self.hits == 0 else 0

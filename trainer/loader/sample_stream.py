@@ -104,20 +104,17 @@ def fresh_cursor_state(epoch: int = 0) -> Dict[str, int]:
     return {"epoch": epoch, "pos": 0, "line": 0, "fails": 0, "hits": 0, "empty": 0, "bad": 0}
 
 
-class SourceCursor:
-    """Reads one source's records for one global worker, looping over epochs forever. Its limits (line cap,
-    failures in a row) are the loader's DataArguments, read through the transform that shares them."""
+class CursorPosition:
+    """What every source cursor shares (image parts here, latent shards in latent_stream.py): the resumable
+    position of one source for one global worker, and the limit on failures in a row."""
 
-    def __init__(self, index: int, spec: SourceSpec, layout: WorkerLayout, global_worker: int, seed: int,
-                 transform: ImageTransform, skips: SkipCounter, max_consecutive_failures: int,
-                 state: Dict[str, int]):
-        self.index, self.spec, self.seed = index, spec, seed
+    FAILED = "records in a row failed with no usable sample between"  # how failure_line words the limit
+
+    def _start(self, index: int, spec: SourceSpec, layout: WorkerLayout, global_worker: int, seed: int,
+               skips: SkipCounter, max_bad: int, state: Dict[str, int]) -> None:
+        self.index, self.spec, self.seed, self.skips, self.max_bad = index, spec, seed, skips, max_bad
         self.g, self.G = global_worker, layout.global_workers
         self.mode = sharding_mode(len(spec.parts), self.G)
-        self.transform, self.skips = transform, skips
-        self.max_fails = max_consecutive_failures
-        self.max_bad = transform.data.max_consecutive_skips
-        self.max_line_bytes = transform.data.max_line_bytes
         # A source with no usable record for this many consecutive epochs of this worker is an error rather
         # than an endless scan. Generous: in part mode a lone good part reaches a given worker in an epoch
         # with probability ~1/G, so (1 - 1/G)^(10G + 10) < 5e-5 of a false alarm.
@@ -127,9 +124,6 @@ class SourceCursor:
         self.bad = state.get("bad", 0)  # absent from states saved before it existed
         self._order_epoch = -1
         self._order: List[int] = []
-        self._it = None
-        self._path = ""
-        self._part_idx = -1
 
     def state(self) -> Dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos, "line": self.line, "fails": self.fails,
@@ -141,8 +135,24 @@ class SourceCursor:
         self.bad += 1
         if self.bad >= self.max_bad:
             raise LoaderError(failure_line(
-                self.skips.where, f"source {self.spec.filelist}: {self.bad} records in a row failed with no usable "
-                f"sample between (the last: {reason}: {detail[:300]})", self.skips.counts, SOURCE_ADVICE))
+                self.skips.where, f"source {self.spec.filelist}: {self.bad} {self.FAILED} (the last: {reason}: "
+                f"{detail[:300]})", self.skips.counts, SOURCE_ADVICE))
+
+
+class SourceCursor(CursorPosition):
+    """Reads one source's records for one global worker, looping over epochs forever. Its limits (line cap,
+    failures in a row) are the loader's DataArguments, read through the transform that shares them."""
+
+    def __init__(self, index: int, spec: SourceSpec, layout: WorkerLayout, global_worker: int, seed: int,
+                 transform: ImageTransform, skips: SkipCounter, max_consecutive_failures: int,
+                 state: Dict[str, int]):
+        self._start(index, spec, layout, global_worker, seed, skips, transform.data.max_consecutive_skips, state)
+        self.transform = transform
+        self.max_fails = max_consecutive_failures
+        self.max_line_bytes = transform.data.max_line_bytes
+        self._it = None
+        self._path = ""
+        self._part_idx = -1
 
     def _parts_this_epoch(self) -> List[int]:
         if self._order_epoch != self.epoch:
