@@ -82,7 +82,9 @@ def precompute(file_list: str, init: str, out: str, opts) -> str:
 
 
 def step_times(init: str, file_list: str, out_dir: str, opts):
-    import train as train_entry
+    from sd.paths import import_entry
+
+    train_entry = import_entry("train")
     from paddlenlp.trainer import set_seed
     from sd.args import parse_train_args, resolve_train
 

@@ -34,7 +34,9 @@ class StepTimer(TrainerCallback):
 
 
 def recipe_times(file_list, out_dir, opts):
-    import train as train_entry
+    from sd.paths import import_entry
+
+    train_entry = import_entry("train")
     from paddlenlp.trainer import set_seed
     from sd.args import parse_train_args, resolve_train
     from sd.paths import TINY_INIT_DIR
