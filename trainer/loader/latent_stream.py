@@ -26,8 +26,8 @@ import numpy as np
 from data_tools.latent_format import LatentShard, latent_manifest_of
 from data_tools.part_format import list_lines, listed_candidates, parse_weighted_line
 from trainer.loader.sample_stream import (SOURCE_ADVICE, TAG_SAMPLE, CursorPosition, LoaderError, Ref, SkipCounter,
-                                          SourceSpec, StreamConfig, failure_line, fresh_cursor_state)
-from trainer.loader.sharding import WorkerLayout, buffer_pick, choose_source, keeps_line, worker_parts
+                                          SourceSpec, StreamConfig, emit, failure_line, fresh_cursor_state)
+from trainer.loader.sharding import WorkerLayout, choose_source, keeps_line, worker_parts
 
 OPEN_SHARDS = 16  # open shard files kept per worker (the buffer references records of recent shards)
 
@@ -161,16 +161,7 @@ class LatentWorkerStream:
         return self.cursors[s].next_ref()
 
     def _next_ref(self) -> Ref:
-        """sample_stream.WorkerStream._next_record's rule, over references."""
-        while len(self.buffer) < self.cfg.data.buffer_size:
-            self.buffer.append(self._insert())
-        e = self.emitted
-        self.emitted += 1
-        if e % self.cfg.data.shuffle_every_n_samples:
-            return self._insert()
-        i = buffer_pick(len(self.buffer), self.cfg.seed, self.g, e)
-        ref = self.buffer[i]
-        self.buffer[i] = self._insert()
+        ref, self.emitted = emit(self.buffer, self._insert, self.emitted, self.cfg, self.g)  # the image stream's rule
         return ref
 
     def next_sample(self) -> LatentSample:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -102,6 +102,20 @@ class SkipCounter:
 
 def fresh_cursor_state(epoch: int = 0) -> Dict[str, int]:
     return {"epoch": epoch, "pos": 0, "line": 0, "fails": 0, "hits": 0, "empty": 0, "bad": 0}
+
+
+def emit(buffer: list, insert: Callable[[], Any], emitted: int, cfg: "StreamConfig", global_worker: int):
+    """(the next emission, the new emission count) of a worker's shuffle buffer, the same rule for image records
+    and latent references: every shuffle_every_n_samples-th emission is a uniform keyed pick from the buffer,
+    whose slot the next insertion takes; between them items pass straight through (the reference's
+    shuffle_every_n_samples; with 1, the default, every emission is a pick)."""
+    while len(buffer) < cfg.data.buffer_size:
+        buffer.append(insert())
+    if emitted % cfg.data.shuffle_every_n_samples:
+        return insert(), emitted + 1
+    i = buffer_pick(len(buffer), cfg.seed, global_worker, emitted)
+    item, buffer[i] = buffer[i], insert()
+    return item, emitted + 1
 
 
 class CursorPosition:
@@ -301,18 +315,7 @@ class WorkerStream:
         return self.cursors[s].next_record()
 
     def _next_record(self) -> Record:
-        """The record of the next emission. Every shuffle_every_n_samples-th emission is a uniform pick from the
-        buffer, whose slot the next record takes; between them records pass straight through (the reference's
-        shuffle_every_n_samples; with 1, the default, every emission is a pick)."""
-        while len(self.buffer) < self.cfg.data.buffer_size:
-            self.buffer.append(self._insert())
-        e = self.emitted
-        self.emitted += 1
-        if e % self.cfg.data.shuffle_every_n_samples:
-            return self._insert()
-        i = buffer_pick(len(self.buffer), self.cfg.seed, self.g, e)
-        rec = self.buffer[i]
-        self.buffer[i] = self._insert()
+        rec, self.emitted = emit(self.buffer, self._insert, self.emitted, self.cfg, self.g)
         return rec
 
     def next_sample(self, out: Optional[np.ndarray] = None) -> Sample:
