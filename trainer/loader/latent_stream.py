@@ -25,7 +25,7 @@ import numpy as np
 
 from data_tools.latent_format import LatentShard, latent_manifest_of
 from data_tools.part_format import list_lines, listed_candidates, parse_weighted_line
-from trainer.loader.sample_stream import (SOURCE_ADVICE, TAG_SAMPLE, CursorPosition, LoaderError, Ref, SkipCounter,
+from trainer.loader.sample_stream import (TAG_SAMPLE, CursorPosition, LoaderError, Ref, SkipCounter,
                                           SourceSpec, StreamConfig, emit, failure_line, fresh_cursor_state)
 from trainer.loader.sharding import WorkerLayout, choose_source, keeps_line, worker_parts
 
@@ -81,20 +81,12 @@ class LatentCursor(CursorPosition):
     is the next record index within the current shard."""
 
     FAILED = "shards or records in a row failed"
+    NO_RECORD, UNITS = "no record", "shards"
 
     def __init__(self, index: int, spec: SourceSpec, layout: WorkerLayout, global_worker: int, seed: int,
                  shards: ShardCache, skips: SkipCounter, max_bad: int, state: Dict[str, int]):
         self._start(index, spec, layout, global_worker, seed, skips, max_bad, state)
         self.shards = shards
-
-    def _end_epoch(self) -> None:
-        self.empty = self.empty + 1 if self.hits == 0 else 0
-        if self.empty >= self.max_empty_epochs:
-            raise LoaderError(failure_line(
-                self.skips.where, f"source {self.spec.filelist}: no record for global worker {self.g}/{self.G} "
-                f"in {self.empty} consecutive epochs ({self.mode} sharding, {len(self.spec.parts)} shards)",
-                self.skips.counts, SOURCE_ADVICE))
-        self.epoch, self.pos, self.line, self.fails, self.hits = self.epoch + 1, 0, 0, 0, 0
 
     def next_ref(self) -> Ref:
         while True:

@@ -123,6 +123,7 @@ class CursorPosition:
     position of one source for one global worker, and the limit on failures in a row."""
 
     FAILED = "records in a row failed with no usable sample between"  # how failure_line words the limit
+    NO_RECORD, UNITS = "no usable record", "parts"  # how failure_line words an epoch with nothing usable
 
     def _start(self, index: int, spec: SourceSpec, layout: WorkerLayout, global_worker: int, seed: int,
                skips: SkipCounter, max_bad: int, state: Dict[str, int]) -> None:
@@ -142,6 +143,15 @@ class CursorPosition:
     def state(self) -> Dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos, "line": self.line, "fails": self.fails,
                 "hits": self.hits, "empty": self.empty, "bad": self.bad}
+
+    def _end_epoch(self) -> None:
+        self.empty = self.empty + 1 if self.hits == 0 else 0
+        if self.empty >= self.max_empty_epochs:
+            raise LoaderError(failure_line(
+                self.skips.where, f"source {self.spec.filelist}: {self.NO_RECORD} for global worker {self.g}/"
+                f"{self.G} in {self.empty} consecutive epochs ({self.mode} sharding, {len(self.spec.parts)} "
+                f"{self.UNITS})", self.skips.counts, SOURCE_ADVICE))
+        self.epoch, self.pos, self.line, self.fails, self.hits = self.epoch + 1, 0, 0, 0, 0
 
     def failed(self, reason: str, detail: str) -> None:
         """Count a failure of one of this source's records (any stage); the limit in a row is a LoaderError."""
@@ -179,15 +189,6 @@ class SourceCursor(CursorPosition):
             self._it.close()
         self._it = None
         self.pos, self.line, self.fails = self.pos + 1, 0, 0
-
-    def _end_epoch(self) -> None:
-        self.empty = self.empty + 1 if self.hits == 0 else 0
-        if self.empty >= self.max_empty_epochs:
-            raise LoaderError(failure_line(
-                self.skips.where, f"source {self.spec.filelist}: no usable record for global worker {self.g}/"
-                f"{self.G} in {self.empty} consecutive epochs ({self.mode} sharding, {len(self.spec.parts)} parts)",
-                self.skips.counts, SOURCE_ADVICE))
-        self.epoch, self.pos, self.line, self.fails, self.hits = self.epoch + 1, 0, 0, 0, 0
 
     def _bad_line(self, reason: str, detail: str, line_no: int) -> None:
         self.fails += 1
