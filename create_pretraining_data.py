@@ -1,7 +1,10 @@
 #!/usr/bin/env python
-"""Build a laion400m-format pretraining dataset from jsonl files of {"caption": ..., "image": "path"} lines.
+"""Build a laion400m-format pretraining dataset from jsonl files of {"caption": ..., "image": "path"} lines, or
+from img2dataset's output (--input_format webdataset: its tar shards; parquet: its metadata beside image folders).
 
     python create_pretraining_data.py --input_path data/*.jsonl --output_path OUT [--save_gzip_file]
+    python create_pretraining_data.py --input_format webdataset --input_path laion_shards/ --output_path OUT \
+        --max_punsafe 0.1 --max_pwatermark 0.5 --min_aesthetic 5 --max_aspect_ratio 2 --dedup
 
 writes OUT/laion400m_format_data/NAME/part-XXXXXX[.gz], OUT/filelist/NAME.filelist[.list], OUT/NAME.manifest.json
 and OUT/NAME.rejects.jsonl (NAME: --output_name, default custom_dataset). The flags: data_tools/create_config.py (`--help` lists them). Design, sharding, resume and
@@ -39,8 +42,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         # exit_on_error=False: a value of the wrong type is one line below, not a screen of usage
         (args,) = parse_args([CreateDataArguments], argv, description=__doc__, exit_on_error=False,
-                             usage="create_pretraining_data.py --input_path JSONL... --output_path DIR [flags] "
-                                   "(--help lists them)",
+                             usage="create_pretraining_data.py --input_path JSONL|TAR|PARQUET|DIR... --output_path DIR "
+                                   "[flags] (--help lists them)",
                              formatter_class=argparse.RawDescriptionHelpFormatter)  # argparse's errors exit 2
     except (ValueError, FileNotFoundError, argparse.ArgumentError) as e:
         # a value __post_init__ refuses, an unknown flag, no such .json, a value argparse cannot convert

@@ -22,10 +22,11 @@ from paddlenlp.trainer import set_seed
 from paddlenlp.transformers import CLIPTokenizer
 
 from sd.args import TrainRun, parse_train, resolve_train
+from sd.eval.in_training import PromptSetEvalCallback, plan_eval
 from sd.model import LatentDiffusionModel, save_pipeline_folder
 from trainer.callbacks import (BenchmarkCallback, EMACallback, ImageLoggingCallback, ProfilerCallback,
                                visualdl_callback)
-from trainer.entry import build_dataset, log_run_config, resolve_checkpoint
+from trainer.entry import build_dataset, check_resume_geometry, log_run_config, resolve_checkpoint
 from trainer.checkpoint import CheckpointError
 from trainer.launch.rank_checks import PreflightError, rank_preflight
 from trainer.loader.sample_stream import LoaderError
@@ -49,6 +50,10 @@ def build_trainer(run: TrainRun) -> StreamingTrainer:
         trainer.add_callback(ImageLoggingCallback(tokenizer, run.data.resolution, run.training.sample_prompts,
                                                   run.model.num_inference_steps, seed=run.training.seed,
                                                   visualdl=visualdl_callback(trainer)))
+    plan = plan_eval(run.training)  # --eval_steps / --eval_prompts: every rank draws and scores its slice
+    if plan is not None:
+        trainer.add_callback(PromptSetEvalCallback(plan, tokenizer, run.data.resolution, run.training,
+                                                   visualdl=visualdl_callback(trainer)))
     if run.training.benchmark:
         trainer.add_callback(BenchmarkCallback())
     if run.training.profiler_options:
@@ -63,12 +68,16 @@ def start(argv=None):
     if not args.training.do_train:
         raise SystemExit("nothing to do: pass --do_train (as the reference's command does)")
     run = resolve_train(args.model, args.data, args.training, env=args.env)
+    plan_eval(run.training)  # the evaluation prompts and weight files, checked before anything loads
     log_run_config(run)
     for alias in run.aliases:
         logger.info("PaddleMIX: %s", alias)
     for notice in run.data_notices:
         logger.warning("data: %s", notice)
-    return run, resolve_checkpoint(run.training)
+    checkpoint = resolve_checkpoint(run.training)
+    if checkpoint is not None:  # a resolution stage is explicit: refused here, before a model exists
+        check_resume_geometry(checkpoint, run.data)
+    return run, checkpoint
 
 
 def main(argv=None):

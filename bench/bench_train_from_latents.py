@@ -26,21 +26,7 @@ import sys
 import tempfile
 import time
 
-from paddlenlp.trainer import TrainerCallback
-
-
-class StepTimer(TrainerCallback):
-    """Wall and CPU seconds (this process, all threads) of every optimizer step."""
-
-    def __init__(self):
-        self.times, self.cpu, self._last = [], [], None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        now = (time.perf_counter(), time.process_time())
-        if self._last is not None:
-            self.times.append(now[0] - self._last[0])
-            self.cpu.append(now[1] - self._last[1])
-        self._last = now
+from timed_training import timed_recipe_run, train_argv
 
 
 def sd_shaped_init(folder: str) -> str:
@@ -82,24 +68,8 @@ def precompute(file_list: str, init: str, out: str, opts) -> str:
 
 
 def step_times(init: str, file_list: str, out_dir: str, opts):
-    from sd.paths import import_entry
-
-    train_entry = import_entry("train")
-    from paddlenlp.trainer import set_seed
-    from sd.args import parse_train_args, resolve_train
-
-    argv = ["--do_train", "--pretrained_model_name_or_path", init, "--file_list", file_list, "--output_dir", out_dir,
-            "--resolution", str(opts.resolution), "--center_crop", "True",
-            "--per_device_train_batch_size", str(opts.batch_size), "--learning_rate", "1e-3",
-            "--max_steps", str(opts.steps), "--logging_steps", "10", "--image_logging_steps", "0",
-            "--save_steps", str(10 * opts.steps), "--dataloader_num_workers", str(opts.workers), "--seed", "23",
-            "--disable_tqdm", "True", "--report_to", "none"]
-    run = resolve_train(*parse_train_args(argv))
-    set_seed(run.training.seed)
-    trainer = train_entry.build_trainer(run)
-    timer = StepTimer()
-    trainer.add_callback(timer)
-    trainer.train()
+    timer, _ = timed_recipe_run(train_argv(init, file_list, out_dir, opts.resolution, opts.batch_size, opts.steps,
+                                           opts.workers))
     return statistics.median(timer.times[opts.warmup:]), statistics.median(timer.cpu[opts.warmup:])
 
 

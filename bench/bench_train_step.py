@@ -17,42 +17,14 @@ import sys
 import tempfile
 import time
 
-from paddlenlp.trainer import TrainerCallback
-
-
-class StepTimer(TrainerCallback):
-    """Records the wall time of every optimizer step."""
-
-    def __init__(self):
-        self.times, self._last = [], None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        now = time.perf_counter()
-        if self._last is not None:
-            self.times.append(now - self._last)
-        self._last = now
+from timed_training import timed_recipe_run, train_argv
 
 
 def recipe_times(file_list, out_dir, opts):
-    from sd.paths import import_entry
-
-    train_entry = import_entry("train")
-    from paddlenlp.trainer import set_seed
-    from sd.args import parse_train_args, resolve_train
     from sd.paths import TINY_INIT_DIR
 
-    argv = ["--do_train", "--pretrained_model_name_or_path", TINY_INIT_DIR,
-            "--file_list", file_list, "--output_dir", out_dir, "--resolution", "32", "--center_crop", "True",
-            "--per_device_train_batch_size", str(opts.batch_size), "--learning_rate", "1e-3",
-            "--max_steps", str(opts.steps), "--logging_steps", "10", "--image_logging_steps", "0",
-            "--save_steps", str(10 * opts.steps), "--dataloader_num_workers", str(opts.workers), "--seed", "23",
-            "--disable_tqdm", "True", "--report_to", "none"]
-    run = resolve_train(*parse_train_args(argv))
-    set_seed(run.training.seed)
-    trainer = train_entry.build_trainer(run)
-    timer = StepTimer()
-    trainer.add_callback(timer)
-    trainer.train()
+    timer, trainer = timed_recipe_run(train_argv(TINY_INIT_DIR, file_list, out_dir, 32, opts.batch_size, opts.steps,
+                                                 opts.workers))
     return timer.times, trainer
 
 

@@ -1,12 +1,14 @@
-"""create_pretraining_data.py: jsonl of {caption, image path} -> laion400m part files + filelists + manifest.
+"""create_pretraining_data.py: jsonl of {caption, image path}, or img2dataset's tars or parquet metadata ->
+laion400m part files + filelists + manifest.
 
 Configuration: data_tools/create_config.py (the flags, validated once, and the resolved run that run() takes).
 
-Pipeline: the main process streams the jsonl lines (memory flat whatever the input size: a line longer than
---max_line_bytes is skipped in chunks, never held, and becomes a line_too_long reject) into batches of at most
-BATCH records, a bounded number of batches is in flight in a process pool (`--num_workers`), and the
-results are consumed in submission order, so the output bytes do not depend on the worker count. Workers
-parse, validate, fully decode and encode (data_tools/image_check.py); the main process writes the parts.
+Pipeline: the main process streams the input records (data_tools/ingest.iter_records: memory flat whatever the
+input size; a line longer than --max_line_bytes is skipped in chunks, never held, and becomes a line_too_long
+reject; a tar is read a member at a time) into batches of at most BATCH records, a bounded number of batches is in
+flight in a process pool (`--num_workers`), and the results are consumed in submission order, so the output bytes
+do not depend on the worker count. Workers parse, filter, fully decode and encode (data_tools/ingest.py,
+image_check.py, filters.py); the main process decides duplicates and writes the parts.
 
 Blocks: input record i (0-based over all input files, blank lines not counted) belongs to block
 i // per_part_file_num, and block b is written to part b+1 (part_format.part_name) in the dataset's own folder
@@ -17,15 +19,20 @@ simple: a finished block never needs redoing, and the part a block produces is t
 
 Shards (`--num_shards N --shard_id K`): shard K does the blocks b with b % N == K. Round robin over blocks
 because a streamed input's length is unknown up front, and it balances the shards. Every shard reads all the
-jsonl lines (cheap) but decodes images of its own blocks only. Shard files are named NAME.shard-K-of-N.* (each
-shard is a complete dataset by itself) and part names are disjoint by construction; the parts are
-byte-identical to those of an unsharded run. When all shards are done, `--merge_shards` (same --output_path,
---output_name, --num_shards) writes NAME.filelist, NAME.rejects.jsonl and NAME.manifest.json exactly as an
-unsharded run would have. Shards must therefore write into one shared output folder (or be copied into one).
+input records (jsonl lines: cheap; tars: read through) but decodes images of its own blocks only. Shard files are
+named NAME.shard-K-of-N.* (each shard is a complete dataset by itself) and part names are disjoint by
+construction; the parts are byte-identical to those of an unsharded run. When all shards are done,
+`--merge_shards` (same --output_path, --output_name, --num_shards) writes NAME.filelist, NAME.rejects.jsonl and
+NAME.manifest.json exactly as an unsharded run would have. Shards must therefore write into one shared output
+folder (or be copied into one).
 
 Files of a run (RUN = NAME, or NAME.shard-K-of-N): OUT/laion400m_format_data/NAME/part-XXXXXX[.gz],
 OUT/RUN.journal.jsonl (progress and the files the run wrote, see create_outputs.py), OUT/RUN.lock (held while it
 runs), and, written last, OUT/RUN.rejects.jsonl, OUT/filelist/RUN.filelist[.list], OUT/RUN.manifest.json.
+
+Dedup (--dedup, the rule and why shards agree: data_tools/filters.py): the main process checks each record's
+image digest against those of the records before it, in record order, for every record of the input, this run's
+or not (the workers hash the others' without decoding them).
 
 Record-level failures stay record-level: whatever goes wrong reading, parsing or decoding one record (a line nested
 10,000 deep, a 5,000-digit number, an image that makes a decoder raise anything) is a reject with its reason and
@@ -44,16 +51,20 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import IO, Callable, Deque, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 from data_tools.create_config import CreateDataRun
 from data_tools.create_outputs import (DATA_FORMAT, JOURNAL_VERSION, BlockEntry, CreateDataError, Journal,
                                        RunPaths, dataset_lock, prepare_output, run_name, write_dataset_files,
                                        write_rejects_from_journal, writing)
 from data_tools.fileio import atomic_writer, sha256_file
-from data_tools.image_check import Line, Outcome, apply_pixel_limit, init_worker, process_batch, worker_batch
-from data_tools.part_format import FORMAT_VERSION, PartWriter, open_part_writer, part_name, read_manifest
+from data_tools.filters import DUPLICATE, DigestIndex, DigestIndexFull
+from data_tools.image_check import apply_pixel_limit
+from data_tools.ingest import Item, Outcome, Result, init_worker, iter_records, process_batch, worker_batch
+from data_tools.filelists import read_manifest
+from data_tools.part_format import FORMAT_VERSION, PartWriter, open_part_writer, part_name
 from sd.config import to_jsonable
+from trainer.loader.buckets import bucket_name
 
 BATCH = 8  # records per pool task: amortises IPC; with 200 KB JPEGs a batch is ~2 MB of base64 in flight
 CREATED_BY = "create_pretraining_data.py"
@@ -61,42 +72,6 @@ CREATED_BY = "create_pretraining_data.py"
 
 class RejectRatioExceeded(CreateDataError):
     pass
-
-
-_CHUNK = 1 << 20  # how an over-long line is skipped: memory stays at max_line_bytes + this
-
-
-def iter_input(sources: Tuple[str, ...], max_line_bytes: int) -> Iterator[Tuple[int, int, Line]]:
-    """(source index, 1-based line number, line) of every non-blank line; blank lines are not records. A line of
-    more than `max_line_bytes` (its newline included) is given as its length (an int), read in chunks and
-    dropped, so one huge line costs no more memory than a legal one."""
-    for si, path in enumerate(sources):
-        with open(path, "rb") as f:
-            n = 0
-            while True:
-                raw = _readline(f, path, max_line_bytes + 1)
-                if not raw:
-                    break
-                n += 1
-                if len(raw) <= max_line_bytes:  # the whole line (the last one may lack its newline)
-                    if raw.strip():
-                        yield si, n, raw
-                    continue
-                size, blank = len(raw), not raw.strip()
-                while not raw.endswith(b"\n"):
-                    raw = _readline(f, path, _CHUNK)
-                    if not raw:
-                        break
-                    size, blank = size + len(raw), blank and not raw.strip()
-                if not blank:
-                    yield si, n, size
-
-
-def _readline(f: IO[bytes], path: str, limit: int) -> bytes:
-    try:
-        return f.readline(limit)
-    except OSError as e:  # the input file itself, not one record: fatal, naming the file
-        raise CreateDataError(f"cannot read input file {path}: {e.strerror or e}") from None
 
 
 class BlockSink:
@@ -110,8 +85,10 @@ class BlockSink:
         self._part: Optional[PartWriter] = None
         self._records = self._count = 0
         self._rejects: List[dict] = []
+        self._buckets: Counter = Counter()
 
-    def add(self, block: int, index: int, source: int, line: int, outcome: Outcome) -> None:
+    def add(self, block: int, index: int, source: int, line: int, outcome: Outcome,
+            bucket: Optional[str] = None) -> None:
         if block != self.block:
             self.finish_block()
             self.block = block
@@ -125,6 +102,8 @@ class BlockSink:
             with writing(self._tmp()):
                 self._part.write(outcome)
             self._records += 1
+            if bucket is not None:
+                self._buckets[bucket] += 1
         else:
             self._rejects.append({"index": index, "source": self.sources[source], "line": line,
                                   "reason": outcome[0], "detail": outcome[1]})
@@ -148,13 +127,14 @@ class BlockSink:
             size, digest = os.path.getsize(final), sha256_file(final)
         counts = Counter(r["reason"] for r in self._rejects)
         entry = BlockEntry(self.block, self.block * self.cfg.per_part_file_num, self._count, self._records, name,
-                           size, digest, counts)
+                           size, digest, counts, self._buckets)
         self.journal.append(entry, self._rejects)
         self.entries.append(entry)
         self.block, self._part, self._records, self._count, self._rejects = None, None, 0, 0, []
+        self._buckets = Counter()
 
 
-def _done(value: List[Outcome]) -> Future:
+def _done(value: List[Result]) -> Future:
     """An already computed result as a Future (the in-process path, --num_workers 0)."""
     fut: Future = Future()
     fut.set_result(value)
@@ -174,7 +154,7 @@ def run(cfg: CreateDataRun, log: Callable[[str], None] = lambda m: print(m, file
     fatal problems."""
     t0 = time.monotonic()
     sources = cfg.input_files
-    if next(iter_input(sources, cfg.max_line_bytes), None) is None:
+    if next(iter_records(cfg, lambda index: False), None) is None:
         raise CreateDataError(f"the input files hold no records: {', '.join(sources)}")
     paths = RunPaths(cfg.output_path, cfg.output_name, run_name(cfg.output_name, cfg.num_shards, cfg.shard_id))
     with dataset_lock(paths):  # held until the manifest is written: a second writer stops at start
@@ -227,17 +207,20 @@ def _run_locked(cfg: CreateDataRun, paths: RunPaths, t0: float, log: Callable[[s
         "num_shards": cfg.num_shards, "shard_id": cfg.shard_id,
         "resumed_parts": sum(1 for e in done.values() if e.part),
         "filelist": paths.filelist, "rejects_file": paths.rejects, "duration_s": round(duration, 3)}
+    if cfg.buckets:
+        manifest["records_by_bucket"] = bucket_counts(cfg.buckets, [e.bucket_counts for e in entries])
     write_dataset_files(paths, [p["path"] for p in parts], cfg.num_repeat, manifest)
     return RunResult(manifest, paths, sink.processed, duration)
 
 
 def _pump(cfg: CreateDataRun, owns: Callable[[int], bool], done: Dict[int, BlockEntry], sink: BlockSink,
           log: Callable[[str], None]) -> int:
-    """Stream records through the workers into `sink`, in input order. Returns the number of input records."""
+    """Stream records through the workers into `sink`, in input order. Returns the number of input records.
+    With --dedup every record goes through the workers (the others' without decoding: module docstring)."""
     P, batch_size = cfg.per_part_file_num, min(BATCH, cfg.per_part_file_num)
     # Bounded in-flight work is what keeps memory flat: reading stops while this many batches are out.
     max_inflight = 2 * cfg.num_workers + 2
-    pending: Deque[Tuple[int, List[Tuple[int, int, int]], Future]] = deque()
+    pending: Deque[Tuple[int, List[Tuple[int, int, int, bool]], Future]] = deque()
     executor = None
     if cfg.num_workers > 0:
         # forkserver, not fork: the caller (a test run, a trainer) may hold threads that fork would copy mid-lock
@@ -246,31 +229,39 @@ def _pump(cfg: CreateDataRun, owns: Callable[[int], bool], done: Dict[int, Block
     else:
         apply_pixel_limit(cfg.max_image_pixels)
     progress = _Progress(cfg.progress_interval, log)
+    digests = DigestIndex(cfg.dedup_max_images) if cfg.dedup else None  # images seen, in record order
+
+    def mine(index: int) -> bool:
+        return owns(index // P) and index // P not in done
 
     def consume() -> None:
         block, metas, fut = pending.popleft()
-        for (index, si, n), outcome in zip(metas, fut.result()):
-            sink.add(block, index, si, n, outcome)
+        for (index, si, n, decode), (outcome, digest, bucket) in zip(metas, fut.result()):
+            if digest is not None and _seen(digests, digest) and isinstance(outcome, bytes):
+                outcome = (DUPLICATE, f"same image bytes (sha256 {digest.hex()}...) as an earlier record")
+            if decode:
+                sink.add(block, index, si, n, outcome, bucket)
         progress.update(total, sink)
 
-    def submit(block: int, batch: List[Tuple[int, int, int, Line]]) -> None:
-        tasks = [(si, n == 1, raw) for _, si, n, raw in batch]
+    def submit(block: int, batch: List[Tuple[int, int, int, Item, bool]]) -> None:
+        tasks = [(si, n == 1, item, decode) for _, si, n, item, decode in batch]
         fut = executor.submit(worker_batch, tasks) if executor else _done(process_batch(cfg, tasks))
-        pending.append((block, [(i, si, n) for i, si, n, _ in batch], fut))
+        pending.append((block, [(i, si, n, decode) for i, si, n, _, decode in batch], fut))
 
     total = 0
-    batch: List[Tuple[int, int, int, Line]] = []
+    batch: List[Tuple[int, int, int, Item, bool]] = []
     batch_block = -1
     try:
-        for si, n, raw in iter_input(cfg.input_files, cfg.max_line_bytes):
+        for si, n, item in iter_records(cfg, lambda index: cfg.dedup or mine(index)):
             index, total = total, total + 1
             block = index // P
-            if not owns(block) or block in done:
+            decode = mine(index)
+            if not (decode or cfg.dedup):
                 continue
             if batch and (block != batch_block or len(batch) >= batch_size):
                 submit(batch_block, batch)
                 batch = []
-            batch.append((index, si, n, raw))
+            batch.append((index, si, n, item, decode))
             batch_block = block
             while len(pending) > max_inflight:
                 consume()
@@ -284,6 +275,15 @@ def _pump(cfg: CreateDataRun, owns: Callable[[int], bool], done: Dict[int, Block
             executor.shutdown(wait=True, cancel_futures=True)
     progress.update(total, sink, final=True)
     return total
+
+
+def _seen(index: DigestIndex, digest: bytes) -> bool:
+    """DigestIndex.check_and_add, its limit turned into the run's error."""
+    try:
+        return index.check_and_add(digest)
+    except DigestIndexFull as e:
+        raise CreateDataError(f"{e}; rerun with a larger --dedup_max_images and --resume (finished parts are "
+                              "kept)") from None
 
 
 class _Progress:
@@ -313,6 +313,8 @@ def summary(result: RunResult) -> str:
              f" ({m['resumed_parts']} parts resumed)",
              f"  rejected      : {m['records_rejected']}"]
     lines += [f"    {reason:<22}{n}" for reason, n in m["rejects_by_reason"].items()]
+    if "records_by_bucket" in m:
+        lines.append("  by bucket     : " + ", ".join(f"{b} {n}" for b, n in m["records_by_bucket"].items()))
     lines += [f"  throughput    : {result.processed / max(result.duration_s, 1e-9):.1f} records/s "
               f"({result.processed} decoded this run)",
               f"  filelist      : {result.paths.filelist_list} (parts listed x{m['num_repeat']})",
@@ -373,10 +375,26 @@ def _merge_shards(out: str, name: str, num_shards: int, num_repeat: int, extra: 
         records_written=sum(m["records_written"] for m in shards),
         records_rejected=sum(m["records_rejected"] for m in shards),
         rejects_by_reason=dict(sorted(by_reason.items())), parts=parts, blocks=list(range(num_blocks)),
+        **({"records_by_bucket": _merged_buckets([m["records_by_bucket"] for m in shards])}
+           if "records_by_bucket" in first else {}),
         num_repeat=num_repeat, resumed_parts=0, shards=[p.manifest for p in shard_paths],
         filelist=os.path.abspath(paths.filelist), rejects_file=os.path.abspath(paths.rejects))
     write_dataset_files(paths, [p["path"] for p in parts], num_repeat, manifest)
     return manifest
+
+
+def bucket_counts(buckets: Tuple[Tuple[int, int], ...], counts: List[Counter]) -> Dict[str, int]:
+    """Written records per bucket ("WxH"), every bucket of the set listed in its order (empty ones as 0), as the
+    loader assigns them (trainer/loader/buckets.nearest_bucket of the stored image's upright size)."""
+    total: Counter = Counter()
+    for c in counts:
+        total.update(c)
+    return {bucket_name(b): total[bucket_name(b)] for b in buckets}
+
+
+def _merged_buckets(shards: List[Dict[str, int]]) -> Dict[str, int]:
+    """The shards' per-bucket counts summed (equal settings, so equal bucket lists in equal order)."""
+    return {name: sum(s[name] for s in shards) for name in shards[0]}
 
 
 def _input_ids(manifest: dict) -> List[Tuple[str, int]]:

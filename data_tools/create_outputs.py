@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 from data_tools.fileio import atomic_writer, sha256_file, write_json_atomic, write_text_atomic
-from data_tools.part_format import DATA_DIR_NAME, FILELIST_DIR_NAME, manifest_path, part_index
+from data_tools.filelists import FILELIST_DIR_NAME, manifest_path
+from data_tools.part_format import DATA_DIR_NAME, part_index
 
 JOURNAL_VERSION = 2  # 2: parts in a folder of their dataset, "writing" lines
 DATA_FORMAT = "laion400m"
@@ -122,6 +123,7 @@ class BlockEntry:
     bytes: int
     sha256: Optional[str]
     reject_counts: Counter = field(default_factory=Counter)  # reason -> records
+    bucket_counts: Counter = field(default_factory=Counter)  # "WxH" -> records written (--aspect_ratio_buckets)
     offset: int = -1  # byte offset of its journal line, to stream its rejects out at the end
 
 
@@ -151,9 +153,11 @@ class Journal:
         self._write(_json_line({"writing": part}))
 
     def append(self, entry: BlockEntry, rejects: List[dict]) -> None:
-        line = _json_line({"block": entry.block, "start": entry.start, "count": entry.count,
-                           "records": entry.records, "part": entry.part, "bytes": entry.bytes,
-                           "sha256": entry.sha256, "rejects": rejects})
+        obj = {"block": entry.block, "start": entry.start, "count": entry.count, "records": entry.records,
+               "part": entry.part, "bytes": entry.bytes, "sha256": entry.sha256, "rejects": rejects}
+        if entry.bucket_counts:  # only with --aspect_ratio_buckets: other journals keep their bytes
+            obj["buckets"] = dict(entry.bucket_counts)
+        line = _json_line(obj)
         entry.offset = os.fstat(self._fd).st_size
         self._write(line)
 
@@ -202,8 +206,9 @@ def load_journal(path: str) -> Tuple[dict, List[BlockEntry], Set[str], bool]:
             try:
                 counts = Counter(r["reason"] for r in obj["rejects"])
                 entry = BlockEntry(int(obj["block"]), int(obj["start"]), int(obj["count"]), int(obj["records"]),
-                                   obj["part"], int(obj["bytes"]), obj["sha256"], counts, offset)
-            except (KeyError, TypeError, ValueError) as e:
+                                   obj["part"], int(obj["bytes"]), obj["sha256"], counts,
+                                   Counter({str(k): int(v) for k, v in obj.get("buckets", {}).items()}), offset)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise CreateDataError(f"{path}:{n}: corrupt journal line ({e!r}); rerun with --overwrite") from None
             if entry.part is not None:
                 written.add(_part_file_name(path, n, entry.part))

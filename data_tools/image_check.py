@@ -1,13 +1,15 @@
-"""Per-record work of create_pretraining_data.py: parse one jsonl line, find and fully decode its image, and
-encode the laion400m line. Runs in the worker processes; nothing here touches the output folder. What a worker
-needs to know is the run's resolved config (data_tools/create_config.CreateDataRun), sent once per worker.
+"""Per-record work of create_pretraining_data.py: parse one jsonl line and read its image (prepare_jsonl), check a
+caption and the score filters (any input format), fully decode an image (check_image). Runs in the worker
+processes (data_tools/ingest.py drives it); nothing here touches the output folder. What a worker needs to know is
+the run's resolved config (data_tools/create_config.CreateDataRun), sent once per worker.
 
 Every way a record can fail has its own reason key (REASONS) so the rejects file and the summary can say how
 many records were lost to what. Failures are raised as part_format.RecordError(reason, detail); any other
 exception while reading, parsing or decoding one record (a bug in a decoder, a MemoryError) is still that record's
-fault, and becomes a `record_exception` reject with the exception's repr: one record never ends a run.
+fault, and becomes a `record_exception` reject with the exception's repr (ingest.process_batch): one record never
+ends a run. The reasons of the filters are data_tools/filters.py's, those of img2dataset's inputs ingest.py's.
 
-Bounded memory: a line longer than --max_line_bytes never reaches a worker (create_data.iter_input hands over its
+Bounded memory: a line longer than --max_line_bytes never reaches a worker (ingest.iter_lines hands over its
 length); an image file is opened without following a FIFO's wait (O_NONBLOCK), must be a regular file, and is
 refused by its size before any byte is read when over --max_image_bytes. Pixels are judged as the loader sees
 them: data_tools/pixels.upright_rgb8 (EXIF orientation applied, 16-bit and float scaled to 8 bits).
@@ -20,14 +22,14 @@ import os
 import stat
 import struct
 import warnings
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, Mapping, NamedTuple, Optional, Tuple
 
 from PIL import Image
 
 from data_tools.create_config import DEFAULT_MAX_IMAGE_PIXELS, CreateDataRun
-from data_tools.part_format import RecordError, encode_record, sanitize_caption
+from data_tools.filters import aspect_reject, record_metadata, score_reject
+from data_tools.part_format import RecordError, sanitize_caption
 from data_tools.pixels import upright_rgb8
-from trainer.launch.reaper import die_with_parent
 
 # Reject reasons, each distinct so a count points at one cause.
 MALFORMED_JSON = "malformed_json"
@@ -114,9 +116,10 @@ def _truncated_or_corrupt(img_format: Optional[str], data: bytes, err: BaseExcep
     return RecordError(NOT_AN_IMAGE, f"undecodable {img_format or 'image'}: {msg}")
 
 
-def check_image(data: bytes, cfg: CreateDataRun) -> bytes:
+def check_image(data: bytes, cfg: CreateDataRun) -> Tuple[bytes, Tuple[int, int]]:
     """Fully decode `data`; return the bytes to store (the original bytes, or a JPEG re-encode when `max_side`
-    asks for a downscale). Raises RecordError for anything a trainer could not use."""
+    asks for a downscale) and the stored image's size as the loader sees it (upright). Raises RecordError for
+    anything a trainer could not use or --max_aspect_ratio refuses."""
     if not data:
         raise RecordError(EMPTY_FILE, "zero-byte file")
     try:
@@ -134,6 +137,9 @@ def check_image(data: bytes, cfg: CreateDataRun) -> bytes:
             raise RecordError(TOO_MANY_PIXELS, f"{w}x{h} = {w * h} pixels > --max_image_pixels {cfg.max_image_pixels}")
         if min(w, h) < cfg.min_image_size:
             raise RecordError(TOO_SMALL, f"{w}x{h}: shorter side < --min_image_size {cfg.min_image_size}")
+        refused = aspect_reject(w, h, cfg.max_aspect_ratio)  # from the header's size, before the pixels
+        if refused is not None:
+            raise RecordError(*refused)
         fmt = im.format
         try:
             im.load()
@@ -144,17 +150,59 @@ def check_image(data: bytes, cfg: CreateDataRun) -> bytes:
         except _DECODE_ERRORS as e:
             raise _truncated_or_corrupt(fmt, data, e) from None
         if cfg.max_side is None or max(w, h) <= cfg.max_side:
-            return data  # original bytes: no generation loss
+            return data, rgb.size  # original bytes: no generation loss
         # Re-encoding drops EXIF: `rgb` is already upright, so the stored pixels are what the loader would show.
         scale = cfg.max_side / max(rgb.size)
         size = (max(1, round(rgb.size[0] * scale)), max(1, round(rgb.size[1] * scale)))
         out = io.BytesIO()
         rgb.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0).save(out, "JPEG", quality=cfg.jpeg_quality)
-        return out.getvalue()
+        return out.getvalue(), size
 
 
-def process_line(raw: bytes, source_index: int, cfg: CreateDataRun, first_line: bool = False) -> bytes:
-    """One jsonl line -> one encoded part line (caption<TAB>NONE<TAB>base64, newline-terminated)."""
+class Prepared(NamedTuple):
+    """A record whose every check but the image decode passed: what ingest.process_item decodes and encodes."""
+
+    caption: str
+    data: bytes  # the image's bytes as stored in the input
+    scores: Dict[str, float]  # filters.record_metadata
+    has_meta: bool  # the input carried scores or sizes: the part's second field is JSON, not NONE
+    where: str  # names the image in a reject's detail (a path, a tar member)
+
+
+def check_caption(obj: Mapping[str, object], key: str, allow_empty: bool) -> str:
+    """The sanitized caption under `key` of a record's fields."""
+    if key not in obj:
+        raise RecordError(MISSING_CAPTION, f"no {key!r} key")
+    caption = obj[key]
+    if not isinstance(caption, str):
+        raise RecordError(CAPTION_NOT_STRING, f"{key!r} is a {type(caption).__name__}")
+    return check_caption_text(caption, key, allow_empty)
+
+
+def check_caption_text(caption: str, what: str, allow_empty: bool) -> str:
+    caption = sanitize_caption(caption)
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate, from a JSON escape such as "\ud800"
+        raise RecordError(CAPTION_BAD_UNICODE, f"{e.reason} at character {e.start}: {caption[e.start:e.end]!r}"
+                          ) from None
+    if not caption and not allow_empty:
+        raise RecordError(BLANK_CAPTION, f"{what!r} is blank (pass --allow_empty_caption to keep it)")
+    return caption
+
+
+def check_scores(obj: Mapping[str, object], cfg: CreateDataRun) -> Tuple[Dict[str, float], bool]:
+    """The record's scores and whether it has metadata at all (filters.record_metadata), after the score filters
+    (--max_pwatermark, --max_punsafe, --min_aesthetic, --min_similarity) accepted it."""
+    scores, has_meta = record_metadata(obj)
+    refused = score_reject(scores, cfg.score_limits())
+    if refused is not None:
+        raise RecordError(*refused)
+    return scores, has_meta
+
+
+def parse_json_object(raw: bytes, first_line: bool = False) -> dict:
+    """One jsonl line as a JSON object."""
     if first_line and raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]  # a UTF-8 byte order mark some editors put at the start of a file
     try:
@@ -167,56 +215,21 @@ def process_line(raw: bytes, source_index: int, cfg: CreateDataRun, first_line: 
         raise RecordError(MALFORMED_JSON, repr(e)) from None
     if not isinstance(obj, dict):
         raise RecordError(NOT_OBJECT, f"got a JSON {type(obj).__name__}")
-    if cfg.caption_key not in obj:
-        raise RecordError(MISSING_CAPTION, f"no {cfg.caption_key!r} key")
-    caption = obj[cfg.caption_key]
-    if not isinstance(caption, str):
-        raise RecordError(CAPTION_NOT_STRING, f"{cfg.caption_key!r} is a {type(caption).__name__}")
-    caption = sanitize_caption(caption)
-    try:
-        caption.encode("utf-8")
-    except UnicodeEncodeError as e:  # a lone surrogate, from a JSON escape such as "\ud800"
-        raise RecordError(CAPTION_BAD_UNICODE, f"{e.reason} at character {e.start}: {caption[e.start:e.end]!r}"
-                          ) from None
-    if not caption and not cfg.allow_empty_caption:
-        raise RecordError(BLANK_CAPTION, f"{cfg.caption_key!r} is blank (pass --allow_empty_caption to keep it)")
+    return obj
+
+
+def prepare_jsonl(raw: bytes, source_index: int, cfg: CreateDataRun, first_line: bool = False) -> Prepared:
+    """One jsonl line {caption, image path, optional scores}: its checks, then its image's bytes."""
+    obj = parse_json_object(raw, first_line)
+    caption = check_caption(obj, cfg.caption_key, cfg.allow_empty_caption)
     if cfg.image_key not in obj:
         raise RecordError(MISSING_IMAGE_KEY, f"no {cfg.image_key!r} key")
     image = obj[cfg.image_key]
     if not isinstance(image, str):
         raise RecordError(IMAGE_NOT_STRING, f"{cfg.image_key!r} is a {type(image).__name__}")
+    scores, has_meta = check_scores(obj, cfg)
     path = resolve_image_path(image, cfg.image_roots[source_index], cfg.allow_outside_root)
-    data = read_image_file(path, cfg.max_image_bytes)
-    try:
-        stored = check_image(data, cfg)
-    except RecordError as e:
-        raise RecordError(e.reason, f"{path}: {e.detail}") from None
-    return encode_record(caption, stored)
-
-
-# One outcome per record: the encoded line, or (reason, detail).
-Outcome = Union[bytes, Tuple[str, str]]
-Line = Union[bytes, int]  # a raw jsonl line, or the length of one over --max_line_bytes (never read whole)
-Task = Sequence[Tuple[int, bool, Line]]  # (source index, is first line of its file, line)
-
-
-def _short(detail: str) -> str:
-    return detail if len(detail) <= MAX_DETAIL else detail[:MAX_DETAIL] + f"... ({len(detail)} characters)"
-
-
-def process_batch(cfg: CreateDataRun, batch: Task) -> List[Outcome]:
-    out: List[Outcome] = []
-    for source_index, first_line, raw in batch:
-        if isinstance(raw, int):
-            out.append((LINE_TOO_LONG, f"{raw} bytes > --max_line_bytes {cfg.max_line_bytes}"))
-            continue
-        try:
-            out.append(process_line(raw, source_index, cfg, first_line))
-        except RecordError as e:  # a per-record verdict, returned to be counted and written to the rejects
-            out.append((e.reason, _short(e.detail)))
-        except Exception as e:  # noqa: BLE001 - whatever one record raises is that record's reject (docstring)
-            out.append((RECORD_EXCEPTION, _short(repr(e))))
-    return out
+    return Prepared(caption, read_image_file(path, cfg.max_image_bytes), scores, has_meta, path)
 
 
 def apply_pixel_limit(max_image_pixels: int) -> None:
@@ -224,23 +237,3 @@ def apply_pixel_limit(max_image_pixels: int) -> None:
     MAX_IMAGE_PIXELS inside Image.open) nor warn about images we reject anyway."""
     Image.MAX_IMAGE_PIXELS = max(max_image_pixels, DEFAULT_MAX_IMAGE_PIXELS)
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-
-
-# ---------------------------------------------------------------------------------------- pool plumbing
-_WORKER_CFG: Optional[CreateDataRun] = None
-
-
-def init_worker(cfg: CreateDataRun, main_pid: int) -> None:
-    """Pool initializer: the config travels once per worker, not once per task. A worker holds both ends of its
-    result pipe, so when the main process is SIGKILLed (OOM killer, a user) it would block forever writing a
-    result and keep the forkserver alive with it: nobody is left to report to, so it leaves at once."""
-    global _WORKER_CFG
-    _WORKER_CFG = cfg
-    apply_pixel_limit(cfg.max_image_pixels)
-    die_with_parent(main_pid)  # the forkserver is the direct parent: this polls for the main process
-
-
-def worker_batch(batch: Task) -> List[Outcome]:
-    if _WORKER_CFG is None:
-        raise RuntimeError("worker_batch called in a process that init_worker did not set up")
-    return process_batch(_WORKER_CFG, batch)

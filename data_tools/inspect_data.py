@@ -16,6 +16,11 @@ own folder, the working folder, or absolute paths). A latent dataset's --file_li
 VAE (checked against the manifest's sha256) into grid.png, and samples.jsonl names the shard ("part"), the image
 part's line, the flip and the cached input_ids. A stream that cannot yield (too many bad records in a row)
 ends with its one-line reason on stderr and exit status 1, as training would.
+
+With --aspect_ratio_buckets the samples come in batches of --batch_size from one bucket each, in the order rank
+0's first worker would emit them at that batch size (train.py's --per_device_train_batch_size): samples.jsonl
+gives each sample's bucket ("WxH"), one grid per bucket is written (grid_WxH.png, the bucket's samples in sample
+order) instead of grid.png, and the samples drawn per bucket are printed as JSON ("samples per bucket: {...}").
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import numpy as np
 from data_tools.fileio import write_text_atomic
 from sd.config import parse_args, save_config
 from sd.images import grid, to_uint8
+from trainer.loader.buckets import bucket_name
 from trainer.loader.config import DataArguments
 
 CONFIG_NAME = "inspect_config.json"
@@ -43,6 +49,9 @@ class InspectArguments:
     tokenizer: Optional[str] = field(
         default=None, metadata={"help": "A CLIPTokenizer folder; adds input_ids to samples.jsonl."})
     model_max_length: int = field(default=77, metadata={"help": "Tokenizer padding/truncation length."})
+    batch_size: int = field(
+        default=1, metadata={"help": "Samples per batch (train.py's --per_device_train_batch_size): with "
+                                     "--aspect_ratio_buckets, each batch is one bucket's, so it sets the order."})
     pretrained_model_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "A latent dataset's --file_list only: the init or pipeline folder whose "
                                         "vae/ decodes the cached latents into grid.png."})
@@ -57,6 +66,8 @@ class InspectArguments:
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
         if self.model_max_length < 2:
             raise ValueError(f"--model_max_length must be >= 2, got {self.model_max_length}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}")
         if self.tokenizer is not None and not os.path.isdir(self.tokenizer):
             raise FileNotFoundError(f"--tokenizer: no such folder: {self.tokenizer}")
         for flag, path in (("--pretrained_model_name_or_path", self.pretrained_model_name_or_path),
@@ -115,6 +126,17 @@ def decode_latents(run: InspectRun, manifest: dict, means: np.ndarray) -> np.nda
         return np.clip(vae.decode(paddle.to_tensor(means)).sample.numpy(), -1.0, 1.0)
 
 
+def draw(ds, stream, n: int) -> list:
+    """The first n samples of logical worker 0 as training batches them (bucket_stream.py): for image parts in
+    batches of the dataset's batch size, one bucket each; a latent dataset's one by one."""
+    if ds.latents:
+        return [stream.next_sample() for _ in range(n)]
+    batcher, samples = ds.open_batcher(stream, 0), []
+    while len(samples) < n:
+        samples += batcher.next_batch()[2]
+    return samples[:n]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     run = resolve(*parse_args((DataArguments, InspectArguments), argv))
     # Imported here: paddle is slow to import and a bad flag should not wait for it.
@@ -125,8 +147,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from paddlenlp.transformers import CLIPTokenizer
 
         tokenizer = CLIPTokenizer.from_pretrained(run.tokenizer)
-    ds = TextImageDataset(run.data, tokenizer, batch_size=1, rank=0, world_size=1, num_workers=0,
-                          seed=run.inspect.seed, model_max_length=run.inspect.model_max_length)
+    ds = TextImageDataset(run.data, tokenizer, batch_size=run.inspect.batch_size, rank=0, world_size=1,
+                          num_workers=0, seed=run.inspect.seed, model_max_length=run.inspect.model_max_length)
     print(ds.describe())
     if ds.latents and run.vae is None:
         print(f"error: --file_list {run.data.file_list} is a latent dataset: pass --pretrained_model_name_or_path "
@@ -134,18 +156,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     try:
         stream = ds.open_stream(0)
-        samples = [stream.next_sample() for _ in range(run.inspect.num_samples)]
+        samples = draw(ds, stream, run.inspect.num_samples)
     except LoaderError as e:
         print(str(e), file=sys.stderr)
         return 1
 
     os.makedirs(run.output_dir, exist_ok=True)
     save_config(os.path.join(run.output_dir, CONFIG_NAME), run)
+    bucketed = run.data.aspect_ratio_buckets is not None
     if ds.latents:
         pixels = decode_latents(run, ds.latent_manifests[0], np.stack([s.mean for s in samples]))
-    else:
-        pixels = np.stack([s.pixel_values for s in samples])
-    grid(list(to_uint8(pixels))).save(os.path.join(run.output_dir, "grid.png"))
+        grid(list(to_uint8(pixels))).save(os.path.join(run.output_dir, "grid.png"))
+    elif not bucketed:
+        grid(list(to_uint8(np.stack([s.pixel_values for s in samples])))).save(
+            os.path.join(run.output_dir, "grid.png"))
+    else:  # one grid per bucket: a grid's tiles share one size
+        for bucket in ds.buckets:
+            tiles = [s.pixel_values for s in samples if s.bucket == bucket]
+            if tiles:
+                grid(list(to_uint8(np.stack(tiles)))).save(
+                    os.path.join(run.output_dir, f"grid_{bucket_name(bucket)}.png"))
     ids = ds.tokenize([s.caption for s in samples]) if tokenizer is not None else None
     lines = []
     for i, s in enumerate(samples):
@@ -158,10 +188,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             rec.update(flipped=s.flipped, input_ids=s.input_ids.tolist())
         elif ids is not None:
             rec["input_ids"] = ids[i].tolist()
+        if bucketed:
+            rec["bucket"] = bucket_name(s.bucket)
         lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
     write_text_atomic(os.path.join(run.output_dir, "samples.jsonl"), "".join(lines))
-    print(f"wrote {len(samples)} samples to {run.inspect.output_dir}/grid.png and samples.jsonl "
+    grids = "grid_WxH.png (one per bucket)" if bucketed and not ds.latents else "grid.png"
+    print(f"wrote {len(samples)} samples to {run.inspect.output_dir}/{grids} and samples.jsonl "
           f"(config: {CONFIG_NAME})")
+    if bucketed:
+        counts = {bucket_name(b): sum(s.bucket == b for s in samples) for b in ds.buckets}
+        print("samples per bucket: " + json.dumps(counts))
     print("skipped records: " + json.dumps(dict(sorted(stream.skips.counts.items()))))
     return 0
 

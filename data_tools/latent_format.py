@@ -10,7 +10,7 @@ latents reads it through the functions below. Layout, for --output_path OUT and 
     OUT/NAME.rejects.jsonl                      every input record not encoded: part, line, reason, detail
     OUT/NAME.precompute_config.json             the resolved config of the run
 
-The manifest sits where part_format.manifest_for_filelist looks for a dataset's manifest (OUT/NAME.manifest.json
+The manifest sits where filelists.manifest_for_filelist looks for a dataset's manifest (OUT/NAME.manifest.json
 beside OUT/filelist/NAME.filelist), so a filelist's format is told by its manifest, never by a file name.
 
 A shard is a safetensors file (nothing pickled; safetensors.numpy reads every tensor but bfloat16, which
@@ -44,7 +44,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from data_tools.fileio import atomic_writer, sha256_file
-from data_tools.part_format import manifest_for_filelist, read_filelist, read_filelist_list
+from data_tools.filelists import manifest_for_filelist, read_filelist, read_filelist_list
 
 LATENT_FORMAT = "sd_latents"
 SHARD_FORMAT = "sd_latents_shard"
@@ -256,7 +256,7 @@ def latent_manifest_of(filelist: str) -> Optional[dict]:
 
 
 def shards_of(filelist: str) -> List[str]:
-    """The shard paths a latent .filelist lists (resolved as part_format resolves part paths)."""
+    """The shard paths a latent .filelist lists (resolved as filelists resolves part paths)."""
     return read_filelist(filelist)
 
 

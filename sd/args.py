@@ -122,6 +122,21 @@ class SDTrainingArguments(TrainingArguments):
         default=20, metadata={"help": "Consecutive non-finite losses/gradients that stop the run."})
     # The reference's defaults: a constant schedule, no clipping unless asked.
     lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning rate schedule."})
+    # Prompt-set evaluation every --eval_steps (paddlenlp's field; sd/eval/in_training.py): every rank draws its
+    # slice of --eval_prompts; scored with what is given (CLIP, FID; demo captions: adherence).
+    eval_prompts: Optional[str] = field(
+        default=None, metadata={"help": "Prompts evaluated every --eval_steps: a .txt, or a .csv/.tsv with "
+                                "--eval_prompt_column (PaddleMIX's coco csv: caption_en)."})
+    eval_prompt_column: Optional[str] = field(default=None, metadata={"help": "Column of a .csv/.tsv --eval_prompts."})
+    eval_guidance_scale: float = field(default=7.5, metadata={"help": "Guidance of the evaluation images."})
+    eval_num_inference_steps: int = field(default=50, metadata={"help": "DDIM steps of the evaluation images."})
+    clip_model: Optional[str] = field(
+        default=None, metadata={"help": "Local CLIP model folder: CLIP score of the evaluation images."})
+    inception_weights: Optional[str] = field(
+        default=None, metadata={"help": "FID Inception weights (scripts/convert_inception_weights.py); with "
+                                "--eval_reference_stats: FID of the evaluation images."})
+    eval_reference_stats: Optional[str] = field(
+        default=None, metadata={"help": "Reference statistics .npz (eval.py score --save_stats) for the FID."})
 
     def __post_init__(self):
         if self.fp16 and self.bf16:
@@ -141,7 +156,31 @@ class SDTrainingArguments(TrainingArguments):
             raise ValueError(f"--max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if self.per_device_train_batch_size < 1:
             raise ValueError(f"--per_device_train_batch_size must be >= 1, got {self.per_device_train_batch_size}")
+        self._check_eval_fields()
         super().__post_init__()
+
+    def _check_eval_fields(self):
+        """The prompt-set evaluation's flags (their files' contents: sd/eval/in_training.plan_eval, at start)."""
+        if self.eval_steps is not None and self.eval_steps < 0:
+            raise ValueError(f"--eval_steps must be > 0, got {self.eval_steps}")
+        if self.eval_prompts and not self.eval_steps:
+            raise ValueError("--eval_prompts needs --eval_steps N (evaluate the prompts every N steps)")
+        if self.eval_steps and not self.eval_prompts and str(getattr(self.evaluation_strategy, "value",
+                                                                     self.evaluation_strategy)) == "no":
+            raise ValueError(f"--eval_steps {self.eval_steps} needs --eval_prompts FILE (the prompts to evaluate)")
+        if bool(self.inception_weights) != bool(self.eval_reference_stats):
+            raise ValueError("--inception_weights and --eval_reference_stats go together (the FID needs both)")
+        if self.eval_prompt_column is not None and not self.eval_prompts:
+            raise ValueError("--eval_prompt_column goes with a .csv/.tsv --eval_prompts")
+        if not self.eval_guidance_scale >= 1.0:
+            raise ValueError(f"--eval_guidance_scale must be >= 1, got {self.eval_guidance_scale}")
+        if self.eval_num_inference_steps < 1:
+            raise ValueError(f"--eval_num_inference_steps must be >= 1, got {self.eval_num_inference_steps}")
+        for name in ("eval_prompts", "inception_weights", "eval_reference_stats"):
+            if getattr(self, name) and not os.path.isfile(getattr(self, name)):
+                raise FileNotFoundError(f"--{name}: no such file: {getattr(self, name)}")
+        if self.clip_model and not os.path.isdir(self.clip_model):
+            raise FileNotFoundError(f"--clip_model: no such folder: {self.clip_model}")
 
 
 @dataclass(frozen=True)
@@ -219,11 +258,12 @@ def check_latents(model: ModelArguments, data: DataArguments, components: Compon
     moments --random_flip needs, or with cached embeddings under --train_text_encoder, is refused in one line.
     --center_crop False is a notice: the cache holds the center crop, which is what trains."""
     from data_tools.latent_format import check_compatible
-    from trainer.loader.latent_stream import listed_latent_manifests
+    from trainer.loader.latent_stream import listed_latent_manifests, refuse_buckets
 
     listed = listed_latent_manifests(data.file_list)
     if not listed or listed[0][1] is None:
         return False, []
+    refuse_buckets(data)
     scaling = read_config(os.path.join(components.vae, "config.json")).get("scaling_factor", 0.18215)
     for filelist, manifest in listed:
         problems = check_compatible(

@@ -6,9 +6,9 @@
 
 Parse (PrecomputeArguments), resolve (PrecomputeRun: components by sd/components.py's train rules, the input's
 parts, the dependency fingerprint), run. The format (shards, filelists, manifest, reader) is
-data_tools/latent_format.py. Records are read as the loader reads them (data_tools/part_format: file list, lines,
-fields) and cropped by the loader's own ImageTransform with its center crop; rejects (a record the loader would
-skip) go to NAME.rejects.jsonl, never silently lost.
+data_tools/latent_format.py. Records are read as the loader reads them (file list: data_tools/filelists; lines,
+fields: data_tools/part_format) and cropped by the loader's own ImageTransform with its center crop; rejects
+(a record the loader would skip) go to NAME.rejects.jsonl, never silently lost.
 
 Work split: the input filelist's distinct part i becomes shard i, and rank r encodes the parts i with
 i % world == r. A shard depends only on its part and the settings, so the output is byte-identical whatever the
@@ -29,8 +29,8 @@ import numpy as np
 
 from data_tools import latent_format as lf
 from data_tools.fileio import sha256_file
-from data_tools.part_format import (DATA_FORMATS, FILELIST_DIR_NAME, RecordError, data_format_of, iter_part_lines,
-                                    manifest_for_filelist, parse_record, read_filelist_list)
+from data_tools.filelists import FILELIST_DIR_NAME, data_format_of, manifest_for_filelist, read_filelist_list
+from data_tools.part_format import DATA_FORMATS, RecordError, iter_part_lines, parse_record
 from data_tools.pixels import upright_size
 from sd.components import Components, resolve_components
 from sd.paths import UNET_TINY_CONFIG

@@ -24,7 +24,7 @@ from typing import Callable, List, Optional
 
 from data_tools import latent_format as lf
 from data_tools.fileio import atomic_writer, write_json_atomic, write_text_atomic
-from data_tools.part_format import read_manifest
+from data_tools.filelists import read_manifest
 from sd.config import format_config, parse_args, save_config, to_jsonable
 from sd.precompute import CREATED_BY, Encoder, PrecomputeArguments, PrecomputeRun, encode_shard, resolve, resumable
 from trainer.loader.transforms import ImageTransform

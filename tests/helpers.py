@@ -19,8 +19,8 @@ from PIL import Image
 from data_tools.create_config import CreateDataArguments, resolve
 from data_tools.create_data import RunResult, run
 from data_tools.fileio import write_text_atomic
-from data_tools.part_format import (DATA_DIR_NAME, FILELIST_DIR_NAME, FORMAT_VERSION, encode_record,
-                                    iter_part_lines, manifest_path, parse_record, read_filelist, read_filelist_list)
+from data_tools.filelists import FILELIST_DIR_NAME, manifest_path, read_filelist, read_filelist_list
+from data_tools.part_format import DATA_DIR_NAME, FORMAT_VERSION, encode_record, iter_part_lines, parse_record
 from sd.paths import REPO_ROOT, TINY_INIT_DIR
 from sd.tiny.make_demo_data import make_demo_parts
 

@@ -15,7 +15,8 @@ from data_tools import image_check as ic
 from data_tools.create_config import CreateDataArguments, resolve
 from data_tools.create_data import run
 from data_tools.fileio import sha256_file
-from data_tools.part_format import read_filelist, read_manifest, sanitize_caption
+from data_tools.filelists import read_filelist, read_manifest
+from data_tools.part_format import sanitize_caption
 from helpers import (ROOT, cli, filelist_names, good_corpus, image_bytes, make, part_files, read_dataset,
                      read_rejects, write_image, write_jsonl)
 from sd.config import parse_args, to_jsonable

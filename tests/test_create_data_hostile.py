@@ -19,7 +19,7 @@ from PIL import Image
 
 from data_tools import image_check as ic
 from data_tools.fileio import sha256_file
-from data_tools.part_format import read_filelist_list
+from data_tools.filelists import read_filelist_list
 from data_tools.pixels import upright_rgb8
 from helpers import (ENTRY, ROOT, assert_every_record_once, cli, good_corpus, image_bytes, make, part_files,
                      read_dataset, read_rejects, write_image, write_jsonl)

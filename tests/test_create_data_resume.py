@@ -12,7 +12,7 @@ import pytest
 from helpers import (ENTRY, ROOT, cli, create, filelist_names, good_corpus, image_bytes, make, part_files,
                      read_dataset, read_rejects, write_image, write_jsonl)
 from data_tools.create_outputs import CreateDataError
-from data_tools.part_format import read_filelist
+from data_tools.filelists import read_filelist
 
 DATA = os.path.join("laion400m_format_data", "custom_dataset")  # the parts folder of the default name
 

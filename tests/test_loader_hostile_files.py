@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from data_tools.part_format import encode_record, read_filelist_list
+from data_tools.filelists import read_filelist_list
+from data_tools.part_format import encode_record
 from helpers import (PY, ROOT, create, good_corpus, image_bytes, image_transform, records, write_filelist_list,
                      write_source)
 from trainer.loader.config import DataArguments

@@ -1,4 +1,4 @@
-"""The one module that owns the part-file format: records, parts, filelists, manifest lookup."""
+"""The part-file format (records, parts: part_format) and the filelists and manifest lookup (filelists)."""
 import base64
 import gzip
 import json
@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from data_tools import filelists as fl
 from data_tools import part_format as pf
 
 pytestmark = pytest.mark.unit
@@ -92,18 +93,18 @@ def test_filelist_list_weights_relative_paths_and_errors(tmp_path):
     (tmp_path / "lists" / "a.filelist").write_text("../parts/part-000001\n\n# comment\n../parts/part-000001\n")
     top = tmp_path / "all.filelist.list"
     top.write_text("lists/a.filelist 0.7\n")
-    (src,) = pf.read_filelist_list(str(top))
+    (src,) = fl.read_filelist_list(str(top))
     assert src.weight == 0.7 and src.parts == (str(part), str(part))  # repeats are kept (num_repeat)
     top.write_text("lists/a.filelist zero\n")  # not a number: part of the path, and the error says so
     with pytest.raises(FileNotFoundError, match=r"all.filelist.list:1: .*'zero' is not a number"):
-        pf.read_filelist_list(str(top))
+        fl.read_filelist_list(str(top))
     top.write_text("lists/missing.filelist\n")
     with pytest.raises(FileNotFoundError, match="missing.filelist"):
-        pf.read_filelist_list(str(top))
+        fl.read_filelist_list(str(top))
     (tmp_path / "lists" / "a.filelist").write_text("../parts/part-000009\n")
     top.write_text("lists/a.filelist\n")
     with pytest.raises(FileNotFoundError, match="part-000009"):
-        pf.read_filelist_list(str(top))
+        fl.read_filelist_list(str(top))
 
 
 def test_format_comes_from_argument_or_manifest_never_the_name(tmp_path):
@@ -111,10 +112,10 @@ def test_format_comes_from_argument_or_manifest_never_the_name(tmp_path):
     (out / "filelist").mkdir(parents=True)
     filelist = out / "filelist" / "laion_aes.filelist"
     filelist.write_text("")
-    assert pf.data_format_of(str(filelist), None) == "laion400m"  # no manifest: the default, not the name
+    assert fl.data_format_of(str(filelist), None) == "laion400m"  # no manifest: the default, not the name
     (out / "laion_aes.manifest.json").write_text(json.dumps({"format_version": 1, "data_format": "laion_aes"}))
-    assert pf.data_format_of(str(filelist), None) == "laion_aes"
-    assert pf.data_format_of(str(filelist), "laion400m") == "laion400m"
+    assert fl.data_format_of(str(filelist), None) == "laion_aes"
+    assert fl.data_format_of(str(filelist), "laion400m") == "laion400m"
     with pytest.raises(ValueError, match="--data_format"):
-        pf.data_format_of(str(filelist), "webdataset")
+        fl.data_format_of(str(filelist), "webdataset")
     assert pf.part_index("part-000012.gz.tmp") == 12 and pf.part_index("notes.txt") is None

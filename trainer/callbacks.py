@@ -81,7 +81,7 @@ class ImageLoggingCallback(TrainerCallback):
                     per_prompt = sample_images(pipe, self.prompts, range(len(self.prompts)), config, g,
                                                self.resolution, self.resolution)
                     images = [imgs[0] for imgs in per_prompt]
-                    panels[f"samples_cfg{g:g}"] = grid(images, cols=len(images))
+                    panels[f"samples_cfg{g:g}"] = grid(images, cols=len(images), labels=self.prompts)
         finally:
             if was_training:
                 model.unet.train()

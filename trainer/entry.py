@@ -82,3 +82,19 @@ def build_dataset(data_args: DataArguments, training_args, tokenizer=None, model
                             rank=training_args.dataset_rank, world_size=training_args.dataset_world_size,
                             num_workers=training_args.dataloader_num_workers if num_workers is None else num_workers,
                             seed=training_args.seed, model_max_length=model_max_length)
+
+
+def check_resume_geometry(checkpoint: str, data: DataArguments) -> None:
+    """Resuming at another resolution or bucket set (a resolution stage) needs --allow_resolution_change: refused
+    at start in one line (the loader checks again, per rank, when it loads its state). Every rank saved the same
+    geometry, so rank 0's file answers; a checkpoint without one (saved before geometry was recorded) is not
+    checked."""
+    from trainer.loader.loader_state import geometry_changed, load_state_file
+    from trainer.streaming_trainer import loader_state_file
+
+    path = loader_state_file(checkpoint, 0)
+    if os.path.isfile(path):
+        try:
+            geometry_changed(load_state_file(path).get("geometry"), data.geometry(), data.allow_resolution_change)
+        except ValueError as e:
+            raise ckpt.CheckpointError(f"{checkpoint}: {e}") from None

@@ -132,6 +132,9 @@ class StreamingTrainer(Trainer):
             if self.loader_tracker is not None:
                 for reason, n in sorted(self.loader_tracker.skip_counts().items()):
                     logs[f"data_skipped_{reason}"] = n
+                # --aspect_ratio_buckets: samples trained per bucket, cumulative across resumes (this rank's)
+                for name, n in sorted(self.loader_tracker.bucket_samples().items()):
+                    logs[f"data_bucket_{name}"] = n
             if isinstance(self.optimizer, GuardedAdamW):
                 logs["nonfinite_skipped"] = self.optimizer.nonfinite_skipped
             if self.model.train_text_encoder and self.lr_scheduler is not None:
@@ -230,13 +233,19 @@ class StreamingTrainer(Trainer):
             return
         trust = ckpt.trusts_pickles(self.args)
         ckpt.verify_checkpoint(resume_from_checkpoint, trust)  # every file's sha256, before anything is read
-        self.model.load_trained(resume_from_checkpoint, trust_pickled=trust)
+        # The loader's position first: a resume it refuses (another file list, or another resolution or bucket set
+        # without --allow_resolution_change) ends the run in one line before any weight is loaded.
         state_file = loader_state_file(resume_from_checkpoint, self.args.dataset_rank)
         if os.path.isfile(state_file):
-            self.train_dataset.load_state_dict(load_state_file(state_file))
+            saved = load_state_file(state_file)
+            try:
+                self.train_dataset.load_state_dict(saved)
+            except ValueError as e:
+                raise ckpt.CheckpointError(f"{resume_from_checkpoint}: {e}") from None
         else:
             logger.warning("%s is missing: the data stream restarts from its beginning (resume is not exact)",
                            state_file)
+        self.model.load_trained(resume_from_checkpoint, trust_pickled=trust)
         self._rng_checkpoint = resume_from_checkpoint
         state = ckpt.read_json(os.path.join(resume_from_checkpoint, ckpt.TRAINER_STATE_FILE))
         self._micro_step = int(state["global_step"]) * self.args.gradient_accumulation_steps

@@ -1,6 +1,7 @@
-"""Inference from a trained checkpoint: model loading, prompts, per-image seeds, PNGs, grids and index.json.
+"""Inference from a trained checkpoint: model loading, prompts, per-image seeds, file names and layouts.
 
-eval.py is the command line over this module (its configuration: sd/eval/args.py), generate_images.py the
+eval.py is the command line over this module (its configuration: sd/eval/args.py; writing a folder of images
+over one or many ranks: sd/eval/generation.py), generate_images.py the
 reference's spelling of it; sd/eval/adherence.py reuses `sample_images` to score the demo captions, and the
 training-time image logging reuses it too.
 
@@ -37,11 +38,9 @@ from PIL import Image
 from ppdiffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from ppdiffusers.transformers import CLIPTextModel, CLIPTokenizer  # the classes StableDiffusionPipeline expects
 
-from data_tools.fileio import write_json_atomic
 from sd.components import Components
 from sd.eval import sampling
 from sd.eval.args import EvalConfig, PromptArguments, SamplingArguments
-from sd.images import grid
 
 logger = logging.getLogger("sd.eval")
 
@@ -49,7 +48,6 @@ PROMPT_TABLE_DELIMITERS = {"csv": ",", "tsv": "\t"}
 # A prompt longer than this is skipped (counted): CLIP reads 77 tokens, so 64 KiB is far beyond any real prompt,
 # and it stays under the csv module's 128 KiB field limit (a process-wide setting we leave alone).
 MAX_PROMPT_BYTES = 64 * 1024
-INDEX_NAME = "index.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
 _LATENTS, _STEP_NOISE = 0, 1  # purpose tags mixed into derived seeds so the two streams never coincide
 
@@ -128,8 +126,14 @@ def _table_cells(lines: Iterator[str], path: str, column: str, delimiter: str) -
         if fieldnames is None:
             raise ValueError(f"{path} is empty: no header row with a column {column!r}")
         if column not in fieldnames:
-            raise ValueError(f"{path}: no column {column!r}; columns: {fieldnames}")
+            tabbed = delimiter != "\t" and any(column in name.split("\t") for name in fieldnames)
+            raise ValueError(f"{path}: no column {column!r}; columns: {fieldnames}" + (
+                " (the header is tab-separated: pass --prompt_format tsv, or name the file .tsv)" if tabbed else ""))
         for row in reader:
+            if None in row:  # more cells than header columns: a caption would be cut at its first delimiter
+                raise ValueError(f"{path}: line {reader.line_num} has more cells than the header's {len(fieldnames)} "
+                                 f"(quote cells holding {delimiter!r}; a tab-separated file named .csv, as PaddleMIX's "
+                                 "coco30k.csv: pass --prompt_format tsv, or name it .tsv)")
             yield (row[column] or "").strip()
     except csv.Error as e:  # e.g. a quoted field longer than csv's field limit: named, not a bare traceback
         raise ValueError(f"{path}: malformed table at line {reader.line_num}: {e}") from None
@@ -260,34 +264,3 @@ def foreign_images(config: EvalConfig, num_prompts: int) -> List[str]:
             found += [os.path.join(folder, n) for n in sorted(os.listdir(folder))
                       if n not in ours and os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES]
     return found
-
-
-def generate_to_dir(pipe, prompts: Sequence[str], config: EvalConfig) -> List[dict]:
-    """Every image as PNG (and, in the eval layout, one grid per prompt and guidance), and index.json (one entry
-    per image), all under config.sampling.output_dir; returns the index."""
-    if not prompts:
-        raise ValueError("no prompts to generate")
-    s, p = config.sampling, config.prompts
-    entries: List[dict] = []
-    for guidance in s.guidance_scales:
-        sub = guidance_folder(guidance, p.layout)
-        os.makedirs(os.path.join(s.output_dir, sub), exist_ok=True)
-        images = sample_images(pipe, prompts, list(range(len(prompts))), s, guidance, s.height, s.width,
-                               p.num_images_per_prompt, p.negative_prompt)
-        for i, (prompt, per_prompt) in enumerate(zip(prompts, images)):
-            grid_file = f"{sub}/{i:05d}_grid.png" if p.layout == "eval" else None
-            if grid_file is not None:
-                grid(per_prompt, grid_columns(len(per_prompt))).save(os.path.join(s.output_dir, grid_file))
-            for k, image in enumerate(per_prompt):
-                file = f"{sub}/{image_file(p.layout, i, k)}"
-                image.save(os.path.join(s.output_dir, file))
-                entries.append({"prompt": prompt, "negative_prompt": p.negative_prompt,
-                                "seed": image_seed(s.seed, i, k), "base_seed": s.seed,
-                                "prompt_index": i, "image_index": k, "scheduler": s.scheduler,
-                                "steps": s.num_inference_steps, "guidance": guidance, "height": s.height,
-                                "width": s.width, "unet": config.components.unet, "variant": config.unet_variant,
-                                "file": file, "grid": grid_file})
-        logger.info("guidance %g: %d images in %s", guidance, len(prompts) * p.num_images_per_prompt,
-                    os.path.join(s.output_dir, sub))
-    write_json_atomic(os.path.join(s.output_dir, INDEX_NAME), entries)
-    return entries

@@ -15,6 +15,10 @@ Method (why each step):
 - position = nearest anchor to the component's bounding-box center (the triangle's centroid is off-center).
 - shape = triangle if the row mass profile is skewed (apex up: wide at the bottom), else from the fill ratio of
   the bounding box, square ~1.0 vs circle ~0.785, measured with sums of soft coverage (see _soft_fill_ratio).
+
+Non-square images (make_demo_data.py --aspect_ratios, and samples generated at a bucket's size) read alike: the
+position is the box center as fractions of the width and of the height, which is how the generator places it,
+and fill ratio and skewness do not depend on the image's proportions (tests/test_buckets_demo.py).
 """
 from __future__ import annotations
 

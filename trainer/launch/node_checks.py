@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 from data_tools.fileio import write_text_atomic
-from data_tools.part_format import Source, read_filelist_list
+from data_tools.filelists import Source, read_filelist_list
 from trainer.loader.sharding import BY_LINE, WorkerLayout, sharding_mode
 
 # Set by paddle.distributed.launch inside a job. The preflight is not a rank: with them, parsing the training

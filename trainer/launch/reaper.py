@@ -2,7 +2,7 @@
 
 - `die_with_parent(pid)`: the one way a helper process ends itself once `pid` is gone. Used by the trainer's
   DataLoader workers (through `install_worker_reaper`'s fork hook) and by create_pretraining_data.py's pool
-  workers (data_tools/image_check.init_worker). Without it, a SIGKILLed parent (OOM killer, a user) leaves its
+  workers (data_tools/ingest.init_worker). Without it, a SIGKILLed parent (OOM killer, a user) leaves its
   workers blocked forever on a full result queue, holding /dev/shm, sockets and the forkserver.
 - `start_death_reporter(label)`: a tiny child interpreter per rank that says in the rank's log when the rank
   vanished without a word, then removes the batches the rank's DataLoader workers left in /dev/shm.

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 from data_tools.part_format import DATA_FORMATS
+from trainer.loader.buckets import DEFAULT_STEP, Bucket, bucket_name, bucket_set
 from trainer.loader.transforms import INTERPOLATIONS
 
 __all__ = ["DataArguments", "PILLOW_BOMB_ERROR_PIXELS"]
@@ -66,6 +67,22 @@ class DataArguments:
                                      "choices": list(INTERPOLATIONS)})
     center_crop: bool = field(default=False, metadata={"help": "Center crop instead of random crop."})
     random_flip: bool = field(default=False, metadata={"help": "Random horizontal flip."})
+    aspect_ratio_buckets: Optional[str] = field(
+        default=None,
+        metadata={"help": "Aspect-ratio buckets instead of square crops: a target side N (the area N x N; the "
+                          "default list: sides multiples of --bucket_step, aspect 1:2 to 2:1, area <= N^2), or a "
+                          "list WxH,WxH,... Each image is resized to cover its nearest bucket (log aspect ratio) "
+                          "and cropped to it; every batch comes from one bucket. Unset: square crops of "
+                          "--resolution."})
+    bucket_step: int = field(
+        default=DEFAULT_STEP,
+        metadata={"help": "Sides of the default bucket list (--aspect_ratio_buckets N) are multiples of this: "
+                          "64 for SD 1.x/2.x (VAE 8 x UNet 2^3)."})
+    allow_resolution_change: bool = field(
+        default=False,
+        metadata={"help": "Resume a checkpoint saved at another --resolution or bucket set (a resolution stage): "
+                          "weights, EMA, optimizer and schedule continue, the data stream continues from its "
+                          "saved position with the new crops. Without it such a resume is refused."})
     min_image_size: int = field(
         default=0, metadata={"help": "Skip (and count) images whose shorter side is smaller."})
     caption_dropout_prob: float = field(
@@ -97,6 +114,14 @@ class DataArguments:
         # The VAE downsamples by 8: a resolution that is not a multiple of 8 has no latent of the same image.
         if self.resolution <= 0 or self.resolution % 8:
             raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.bucket_step < 8 or self.bucket_step % 8:
+            raise ValueError(f"--bucket_step must be a positive multiple of 8 (the VAE's factor), got "
+                             f"{self.bucket_step}")
+        if self.aspect_ratio_buckets is not None:
+            try:
+                bucket_set(self.aspect_ratio_buckets, self.bucket_step)
+            except ValueError as e:
+                raise ValueError(f"--aspect_ratio_buckets {self.aspect_ratio_buckets!r}: {e}") from None
         if self.data_format is not None and self.data_format not in DATA_FORMATS:
             raise ValueError(f"--data_format must be one of {list(DATA_FORMATS)} (or unset), got {self.data_format!r}")
         if self.interpolation not in INTERPOLATIONS:
@@ -118,6 +143,19 @@ class DataArguments:
         if not 1 <= self.max_image_pixels <= PILLOW_BOMB_ERROR_PIXELS:
             raise ValueError(f"--max_image_pixels must be in [1, {PILLOW_BOMB_ERROR_PIXELS}], got "
                              f"{self.max_image_pixels}")
+
+    def buckets(self) -> Optional[Tuple[Bucket, ...]]:
+        """The aspect-ratio buckets (trainer/loader/buckets.py), or None for square crops of --resolution."""
+        if self.aspect_ratio_buckets is None:
+            return None
+        return tuple(bucket_set(self.aspect_ratio_buckets, self.bucket_step))
+
+    def geometry(self) -> dict:
+        """What the crops are: saved with the loader's state, so that a resume at another resolution or bucket set
+        is noticed (loader_state.plan_resume)."""
+        buckets = self.buckets()
+        return {"resolution": self.resolution,
+                "buckets": None if buckets is None else [bucket_name(b) for b in buckets]}
 
     def notices(self) -> Tuple[str, ...]:
         """One line per accepted flag that does nothing here, for the start of the log."""

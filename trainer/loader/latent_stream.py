@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from data_tools.latent_format import LatentShard, latent_manifest_of
-from data_tools.part_format import list_lines, listed_candidates, parse_weighted_line
+from data_tools.filelists import list_lines, listed_candidates, parse_weighted_line
 from trainer.loader.sample_stream import (TAG_SAMPLE, CursorPosition, LoaderError, Ref, SkipCounter,
                                           SourceSpec, StreamConfig, emit, failure_line, fresh_cursor_state)
 from trainer.loader.sharding import WorkerLayout, choose_source, keeps_line, worker_parts
@@ -181,12 +181,21 @@ class LatentWorkerStream:
                 "" if dropped else rec.caption, rec.caption, flipped, ref, path, line)
 
 
+def refuse_buckets(data) -> None:
+    """A latent dataset's records are square crops of its manifest's resolution: --aspect_ratio_buckets needs image
+    parts (checked at start by sd/args.py check_latents, and by the dataset for every other user)."""
+    if data.aspect_ratio_buckets is not None:
+        raise ValueError(f"--aspect_ratio_buckets {data.aspect_ratio_buckets}: --file_list {data.file_list} is a "
+                         "latent dataset, whose records are square crops of one resolution; train with buckets "
+                         "from image parts (or drop the flag)")
+
+
 def listed_latent_manifests(file_list: str) -> List[Tuple[str, Optional[dict]]]:
     """(filelist, latent_manifests()'s entry) of the filelists a .filelist.list names that exist, without reading their parts: what
     resolve_train checks at start. A filelist that does not exist is left to the loader, which names it when the
     stream is built (tests/test_args.py resolves runs whose lists name no real data)."""
     found = []
-    for _, text in list_lines(file_list, "--file_list"):  # the list's own line and lookup rules (part_format)
+    for _, text in list_lines(file_list, "--file_list"):  # the list's own line and lookup rules (filelists)
         found += [c for c, _ in listed_candidates(parse_weighted_line(text)[0], file_list) if os.path.isfile(c)][:1]
     return list(zip(found, latent_manifests(file_list, found)))
 

@@ -22,7 +22,7 @@ import functools
 import os
 import sys
 from dataclasses import dataclass
-from typing import ContextManager, Optional, Tuple
+from typing import ContextManager, Optional, Tuple, Union
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -145,7 +145,7 @@ class AxisPlan:
         return (self.weights.shape[0] - 1) * self.stride + self.window
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=64)  # a few sizes per bucket of the largest bucket lists
 def _layout(out_size: int, blocks: int, ksize: int) -> Tuple[np.ndarray, ...]:
     """Index arrays that depend only on the output size and the blocking (read-only: they are shared)."""
     n = out_size // blocks
@@ -216,37 +216,38 @@ def _blocked(x: np.ndarray, plan: AxisPlan, axis: int) -> np.ndarray:
     return as_strided(x, shape, strides, writeable=False)
 
 
-def resample_crop(img: Image.Image, box: Tuple[float, float, float, float], size: int, kind: str,
-                  flip: bool = False, out: Optional[np.ndarray] = None,
+def resample_crop(img: Image.Image, box: Tuple[float, float, float, float], size: Union[int, Tuple[int, int]],
+                  kind: str, flip: bool = False, out: Optional[np.ndarray] = None,
                   normalize: Tuple[float, float] = (1.0 / 127.5, -1.0), block: int = 0,
                   stripe_bytes: int = STRIPE_BYTES) -> np.ndarray:
-    """The `size` x `size` resample of `box` (x0, y0, x1, y1, in pixels of the RGB `img`), mirrored when
-    `flip`, as float32 [3, size, size] with value = pixel * normalize[0] + normalize[1], clipped to the
-    range of pixels 0..255; written into `out` when given. `block`: outputs per block (0: see num_blocks);
-    `stripe_bytes`: the most float32 input converted at once."""
+    """The resample of `box` (x0, y0, x1, y1, in pixels of the RGB `img`) to `size` (a side: size x size, or
+    (width, height): an aspect-ratio bucket), mirrored when `flip`, as float32 [3, height, width] with value =
+    pixel * normalize[0] + normalize[1], clipped to the range of pixels 0..255; written into `out` when given.
+    `block`: outputs per block (0: see num_blocks, per axis); `stripe_bytes`: the most float32 input converted
+    at once."""
+    ow, oh = (size, size) if not isinstance(size, (tuple, list)) else (int(size[0]), int(size[1]))
     w, h = img.size
     if img.mode != "RGB":
         raise ValueError(f"resample_crop needs an RGB image, got {img.mode}")
     if not (0 <= box[0] < box[2] <= w and 0 <= box[1] < box[3] <= h):
         raise ValueError(f"box {box} is not a non-empty box inside the {w}x{h} image")
     if out is None:
-        out = np.empty((3, size, size), np.float32)
-    elif out.shape != (3, size, size) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        out = np.empty((3, oh, ow), np.float32)
+    elif out.shape != (3, oh, ow) or out.dtype != np.float32 or not out.flags.c_contiguous:
         # The last product writes through a reshaped view of `out`, which only a contiguous array has.
-        raise ValueError(f"out must be a C-contiguous float32 array of shape {(3, size, size)}, "
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {(3, oh, ow)}, "
                          f"got {out.dtype} {out.shape}")
-    blocks = num_blocks(size, block)
-    py = axis_plan(h, box[1], box[3], size, kind, blocks)
-    px = axis_plan(w, box[0], box[2], size, kind, blocks)
+    py = axis_plan(h, box[1], box[3], oh, kind, num_blocks(oh, block))
+    px = axis_plan(w, box[0], box[2], ow, kind, num_blocks(ow, block))
     # Vertical pass, all channels at once, the scale folded into the weights:
-    # (blocks, n, window) @ (blocks, window, columns * 3) -> rows (size, rw, 3).
+    # (blocks, n, window) @ (blocks, window, columns * 3) -> rows (oh, rw, 3).
     # Only the input rectangle the blocks read leaves Pillow, in stripes of columns converted to float32 rows
     # of interleaved RGB, zero-padded past the image (where the weights are zero). One stripe for a drafted
     # JPEG; several for a large PNG, so that its float copy stays within stripe_bytes.
     y1, x1 = min(h, py.start + py.span), min(w, px.start + px.span)
     rh, rw = y1 - py.start, x1 - px.start
     wy = py.weights.transpose(0, 2, 1) * np.float32(normalize[0])
-    rows = np.empty((size, rw, 3), np.float32)
+    rows = np.empty((oh, rw, 3), np.float32)
     row_blocks = rows.reshape(wy.shape[0], wy.shape[1], rw * 3)
     step = max(1, min(rw, stripe_bytes // (py.span * 3 * 4)))
     for c0 in range(0, rw, step):
@@ -258,16 +259,16 @@ def resample_crop(img: Image.Image, box: Tuple[float, float, float, float], size
         np.matmul(wy, _blocked(src, py, 0), out=row_blocks[:, :, 3 * c0:3 * c1])
     # Channels first for the horizontal pass, zero-padded to the columns its blocks read. (A plain copy: adding
     # the offset in it would take twice as long as adding it to the output afterwards.)
-    planes = np.empty((3, size, px.span), np.float32)
+    planes = np.empty((3, oh, px.span), np.float32)
     planes[:, :, :rw] = rows.transpose(2, 0, 1)
     planes[:, :, rw:] = 0.0
-    planes = planes.reshape(3 * size, px.span)
-    # Horizontal pass: (blocks, 3 * size, window) @ (blocks, window, n) -> the column blocks of `out`.
+    planes = planes.reshape(3 * oh, px.span)
+    # Horizontal pass: (blocks, 3 * oh, window) @ (blocks, window, n) -> the column blocks of `out`.
     wx, cols = px.weights, _blocked(planes, px, 1)
     if flip:  # the mirrored output: blocks in reverse order, each with its columns reversed
         wx, cols = wx[::-1, :, ::-1], cols[::-1]
     xblocks = px.weights.shape[0]  # may be 1 where py has more: heavy upscaling falls back to one block
-    np.matmul(cols, wx, out=out.reshape(3 * size, xblocks, size // xblocks).transpose(1, 0, 2))
+    np.matmul(cols, wx, out=out.reshape(3 * oh, xblocks, ow // xblocks).transpose(1, 0, 2))
     out += np.float32(normalize[1])
     lo, hi = sorted((normalize[1], 255.0 * normalize[0] + normalize[1]))
     np.clip(out, np.float32(lo), np.float32(hi), out=out)

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from data_tools.part_format import RecordError, iter_part_lines, parse_record
+from trainer.loader.buckets import nearest_bucket
 from trainer.loader.sharding import (WorkerLayout, buffer_pick, choose_source, keeps_line, sharding_mode,
                                      worker_parts)
 from trainer.loader.transforms import ImageTransform
@@ -62,11 +63,12 @@ class Record:
 class Sample:
     """One emitted sample, with the metadata inspect_data.py writes."""
 
-    pixel_values: np.ndarray  # float32 [3, R, R]
+    pixel_values: np.ndarray  # float32 [3, R, R] ([3, height, width] in an aspect-ratio bucket)
     caption: str  # after caption dropout ("" when dropped)
     raw_caption: str
     ref: Ref
     part_path: str
+    bucket: Optional[Tuple[int, int]] = None  # (width, height) of its aspect-ratio bucket; None: square crops
 
 
 class LoaderError(RuntimeError):
@@ -315,7 +317,8 @@ class WorkerStream:
         self.inserted += 1
         return self.cursors[s].next_record()
 
-    def _next_record(self) -> Record:
+    def next_record(self) -> Record:
+        """The next record out of the shuffle buffer, not yet decoded (bucket_stream.py groups these)."""
         rec, self.emitted = emit(self.buffer, self._insert, self.emitted, self.cfg, self.g)
         return rec
 
@@ -323,20 +326,39 @@ class WorkerStream:
         """The next sample; its pixels are written into `out` ([3, R, R] float32) when given. Raises LoaderError
         when a source fails too many records in a row."""
         while True:
-            rec = self._next_record()
-            s, epoch, part, line = rec.ref
-            # Per-record randomness keyed by the record and its epoch: the same augmentation whichever
-            # worker reads it, and nothing to save.
-            rng = np.random.default_rng([self.cfg.seed, TAG_SAMPLE, s, epoch, part, line])
-            dropped = rng.random() < self.cfg.data.caption_dropout_prob
-            try:
-                img = rec.header if rec.header is not None else self.transform.open_checked(rec.image)
-                pixels = self.transform.apply(img, rng, out)
-            except RecordError as e:  # the header was fine at insertion, the pixel data is not
-                self.cursors[s].failed(e.reason, f"{rec.part_path}:{line + 1}: {e.detail}")
-                continue
-            except Exception as e:  # noqa: BLE001 - counted like any stage; a bug fails every record: the limit
-                self.cursors[s].failed("transform_error", f"{rec.part_path}:{line + 1}: {e!r}"[:1000])
-                continue
-            self.cursors[s].bad = 0
-            return Sample(pixels, "" if dropped else rec.caption, rec.caption, rec.ref, rec.part_path)
+            sample = self.render(self.next_record(), out)
+            if sample is not None:
+                return sample
+
+    def render(self, rec: Record, out: Optional[np.ndarray] = None, bucket: Optional[Tuple[int, int]] = None
+               ) -> Optional[Sample]:
+        """The sample of one record (its crop in `bucket` when given), pixels written into `out` when given; None
+        when the record fails, counted against its source (LoaderError at the limit of failures in a row)."""
+        s, epoch, part, line = rec.ref
+        # Per-record randomness keyed by the record and its epoch: the same augmentation whichever
+        # worker reads it, and nothing to save.
+        rng = np.random.default_rng([self.cfg.seed, TAG_SAMPLE, s, epoch, part, line])
+        dropped = rng.random() < self.cfg.data.caption_dropout_prob
+        try:
+            img = rec.header if rec.header is not None else self.transform.open_checked(rec.image)
+            pixels = self.transform.apply(img, rng, out, bucket)
+        except RecordError as e:  # the header was fine at insertion, the pixel data is not
+            self.cursors[s].failed(e.reason, f"{rec.part_path}:{line + 1}: {e.detail}")
+            return None
+        except Exception as e:  # noqa: BLE001 - counted like any stage; a bug fails every record: the limit
+            self.cursors[s].failed("transform_error", f"{rec.part_path}:{line + 1}: {e!r}"[:1000])
+            return None
+        self.cursors[s].bad = 0
+        return Sample(pixels, "" if dropped else rec.caption, rec.caption, rec.ref, rec.part_path, bucket)
+
+    def bucket_of(self, rec: Record, buckets: Sequence[Tuple[int, int]]) -> Optional[Tuple[int, int]]:
+        """The aspect-ratio bucket of a record, from its header (opened and kept when the record was re-read on
+        resume); None when the record fails there, counted against its source."""
+        s, _, _, line = rec.ref
+        try:
+            if rec.header is None:
+                rec.header = self.transform.open_checked(rec.image)
+            return nearest_bucket(*self.transform.upright_size(rec.header), buckets)
+        except RecordError as e:
+            self.cursors[s].failed(e.reason, f"{rec.part_path}:{line + 1}: {e.detail}")
+            return None

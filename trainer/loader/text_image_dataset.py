@@ -8,7 +8,8 @@ and image parts is a start error.
 
 Pieces: config.py (DataArguments: the data section of the training arguments, the only configuration),
 sharding.py (who reads what), transforms.py (image -> tensor), sample_stream.py (one worker's stream),
-loader_state.py (checkpoint state and its tracker). This module wires them behind the interface the Trainer
+buckets.py and bucket_stream.py (aspect-ratio buckets; square crops are the one-bucket case), loader_state.py
+(checkpoint state and its tracker). This module wires them behind the interface the Trainer
 uses (the seed and the tokenizer's length come from the training and model arguments, not from DataArguments):
 
     ds = TextImageDataset(data_args, tokenizer, per_device_batch, rank, world_size, num_workers,
@@ -31,11 +32,13 @@ from typing import Any, Dict, Iterator, List, Optional
 import numpy as np
 import paddle
 
-from data_tools.part_format import data_format_of, read_filelist_list
+from data_tools.filelists import data_format_of, read_filelist_list
 from trainer.loader.config import DataArguments
-from trainer.loader.latent_stream import LatentWorkerStream, latent_manifests
+from trainer.loader.latent_stream import LatentWorkerStream, latent_manifests, refuse_buckets
 from trainer.loader.loader_state import (ERROR_KEY, LoaderStateTracker, ResumePlan, batch_state, fresh_plan,
                                         load_state_file, plan_resume)
+from trainer.loader.bucket_stream import BucketBatcher
+from trainer.loader.buckets import bucket_name
 from trainer.loader.sample_stream import LoaderError, Sample, SourceSpec, StreamConfig, WorkerStream, failure_line
 from trainer.loader.sharding import WorkerLayout, sharding_mode
 from trainer.loader.resample import single_thread_blas
@@ -47,8 +50,9 @@ logger = logging.getLogger("trainer.loader")
 
 
 class TextImageDataset(paddle.io.IterableDataset):
-    """Yields complete batches: {"pixel_values": float32 [B,3,R,R] in [-1,1], "input_ids": int64 [B,L]
-    (absent when tokenizer is None), "loader_state": JSON str}; from a latent dataset, _latent_batches' keys."""
+    """Yields complete batches: {"pixel_values": float32 [B,3,R,R] in [-1,1] (with --aspect_ratio_buckets
+    [B,3,H,W], every sample of a batch from the same bucket), "input_ids": int64 [B,L] (absent when tokenizer is
+    None), "loader_state": JSON str}; from a latent dataset, _latent_batches' keys."""
 
     def __init__(self, data: DataArguments, tokenizer: Any, batch_size: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, *, seed: int,
@@ -83,17 +87,22 @@ class TextImageDataset(paddle.io.IterableDataset):
                 raise ValueError(f"--file_list {data.file_list}: some latent datasets hold text embeddings and "
                                  "some do not: precompute them alike")
             self.text_embeddings = kinds.pop()
+            refuse_buckets(data)
+        # Square crops are the one bucket (R, R): one batching path (bucket_stream.py) for both.
+        self.buckets = data.buckets() or ((data.resolution, data.resolution),)
         self.resume_plan: ResumePlan = fresh_plan(self.layout.workers_per_rank)
 
     # ------------------------------------------------------------------------------------------ state
     def state_header(self) -> dict:
         return {"rank": self.layout.rank, "world_size": self.layout.world_size,
                 "num_workers": self.num_workers, "seed": self.seed,
-                "sources": [{"filelist": s.filelist, "parts": len(s.parts)} for s in self.sources]}
+                "sources": [{"filelist": s.filelist, "parts": len(s.parts)} for s in self.sources],
+                "geometry": self.data.geometry()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from LoaderStateTracker.state_dict(). Call before build_dataloader()."""
-        self.resume_plan = plan_resume(state, self.state_header())
+        """Resume from LoaderStateTracker.state_dict(). Call before build_dataloader(). A state saved at another
+        resolution or bucket set needs --allow_resolution_change (loader_state.plan_resume)."""
+        self.resume_plan = plan_resume(state, self.state_header(), self.data.allow_resolution_change)
 
     def describe(self) -> str:
         srcs = ", ".join(
@@ -102,9 +111,11 @@ class TextImageDataset(paddle.io.IterableDataset):
             f"found by {base}, parts by {parts_base})"
             for s, (base, parts_base) in zip(self.sources, self.bases))
         lay = self.layout
+        crops = (f"{self.data.resolution}px" if self.data.aspect_ratio_buckets is None else
+                 f"{len(self.buckets)} aspect-ratio buckets {' '.join(bucket_name(b) for b in self.buckets)}")
         return (f"{len(self.sources)} source(s): {srcs}; {lay.global_workers} global workers "
                 f"(world {lay.world_size} x {lay.workers_per_rank} per rank), rank {lay.rank}, "
-                f"batch {self.batch_size}, {self.data.resolution}px, seed {self.seed}")
+                f"batch {self.batch_size}, {crops}, seed {self.seed}")
 
     # ------------------------------------------------------------------------------------------ streams
     def _logical_worker(self) -> int:
@@ -127,13 +138,25 @@ class TextImageDataset(paddle.io.IterableDataset):
                             self.resume_plan.workers[logical_worker])
 
     def iter_samples(self, logical_worker: Optional[int] = None) -> Iterator[Sample]:
-        """Single samples with their metadata (caption, source, part, line): used by
-        data_tools/inspect_data.py (latent_stream.LatentSample for a latent dataset)."""
-        stream = self.open_stream(self._logical_worker() if logical_worker is None else logical_worker)
+        """Single samples with their metadata (caption, source, part, line, bucket), in the order of the batches
+        the worker would emit (of this dataset's batch size): used by data_tools/inspect_data.py
+        (latent_stream.LatentSample for a latent dataset)."""
+        logical = self._logical_worker() if logical_worker is None else logical_worker
+        stream = self.open_stream(logical)
+        if self.latents:
+            while True:
+                yield stream.next_sample()
+        batcher = self.open_batcher(stream, logical)
         while True:
             with single_thread_blas():
-                sample = stream.next_sample()
-            yield sample
+                _, _, samples = batcher.next_batch()
+            yield from samples
+
+    def open_batcher(self, stream: WorkerStream, logical_worker: int) -> BucketBatcher:
+        """The logical worker's batches, by bucket (bucket_stream.py), resumed with its saved pending records."""
+        saved = self.resume_plan.workers[logical_worker] or {}
+        return BucketBatcher(stream, self.buckets, self.batch_size, saved.get("pending", []),
+                             self.resume_plan.regroup)
 
     def tokenize(self, captions: List[str]) -> np.ndarray:
         L = self.model_max_length
@@ -160,20 +183,20 @@ class TextImageDataset(paddle.io.IterableDataset):
         saved = self.resume_plan.workers[logical]
         batches = int(saved.get("batches", 0)) if saved else 0
         g = self.layout.global_id(logical)
-        r = self.data.resolution
         if self.latents:
             yield from self._latent_batches(stream, logical, g, batches)
             return
+        batcher = self.open_batcher(stream, logical)
+        named = self.data.aspect_ratio_buckets is not None  # the tracker counts samples per bucket
         while True:
-            # A fresh array per batch (the consumer keeps the previous one); samples decode straight into it.
-            pixels = np.empty((self.batch_size, 3, r, r), dtype=np.float32)
             with single_thread_blas():  # per batch, not around the yield: the consumer may be this process
-                samples = [stream.next_sample(pixels[i]) for i in range(self.batch_size)]
+                bucket, pixels, samples = batcher.next_batch()
             batches += 1
             batch: Dict[str, Any] = {"pixel_values": pixels}
             if self.tokenizer is not None:
                 batch["input_ids"] = self.tokenize([s.caption for s in samples])
-            batch["loader_state"] = batch_state(logical, g, stream.state(), batches)
+            batch["loader_state"] = batch_state(logical, g, batcher.state(), batches,
+                                                bucket_name(bucket) if named else None)
             yield batch
 
 

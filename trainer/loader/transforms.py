@@ -30,6 +30,7 @@ from PIL import Image, ImageOps
 
 from data_tools.part_format import RecordError
 from data_tools.pixels import SWAPS_AXES, exif_orientation, to_rgb8
+from trainer.loader.buckets import Bucket, cover_size, crop_box_for, crop_offsets
 from trainer.loader.resample import FILTERS, resample_crop
 
 if TYPE_CHECKING:  # config.py imports INTERPOLATIONS from here
@@ -66,7 +67,10 @@ class ImageTransform:
     """Resize the shorter side to `data.resolution`, crop a square (random or center), optionally flip,
     normalize to [-1, 1], channels first. Reads its settings from the loader's DataArguments (validated
     there): resolution, interpolation, center_crop, random_flip, min_image_size, max_image_pixels.
-    Sizes are upright sizes (EXIF orientation applied) throughout."""
+    Sizes are upright sizes (EXIF orientation applied) throughout.
+
+    With an aspect-ratio bucket (width, height) (`bucket`, from trainer/loader/buckets.py) the image is resized to
+    cover the bucket instead and cropped to it; the square is the bucket (R, R), with the same arithmetic."""
 
     def __init__(self, data: "DataArguments"):
         self.data = data
@@ -97,34 +101,38 @@ class ImageTransform:
             raise RecordError("too_small", f"{w}x{h} < min_image_size {self.data.min_image_size}")
         return w, h
 
-    def resized_size(self, w: int, h: int) -> Tuple[int, int]:
-        """Size after scaling the shorter side to the resolution (never below it on either side)."""
-        r = self.data.resolution
-        scale = r / min(w, h)
-        return max(r, round(w * scale)), max(r, round(h * scale))
+    def output_size(self, bucket: Optional[Bucket] = None) -> Bucket:
+        """(width, height) of the crop: the bucket, or the resolution's square."""
+        return bucket or (self.data.resolution, self.data.resolution)
 
-    def plan(self, w: int, h: int, rng: np.random.Generator) -> CropPlan:
+    def resized_size(self, w: int, h: int, bucket: Optional[Bucket] = None) -> Tuple[int, int]:
+        """Size after scaling the shorter side to the resolution (never below it on either side); with a
+        bucket, after scaling to cover it (buckets.cover_size)."""
+        return cover_size(w, h, *self.output_size(bucket))
+
+    def plan(self, w: int, h: int, rng: np.random.Generator, bucket: Optional[Bucket] = None) -> CropPlan:
         """Crop offsets and flip for an image of upright size (w, h). Draws from `rng` in a fixed order
         (left, top, flip) whatever the flags, so flags do not shift other random choices."""
-        rw, rh = self.resized_size(w, h)
-        r = self.data.resolution
-        left_r, top_r, flip_r = int(rng.integers(rw - r + 1)), int(rng.integers(rh - r + 1)), rng.random()
+        bw, bh = self.output_size(bucket)
+        rw, rh = cover_size(w, h, bw, bh)
+        left_r, top_r = crop_offsets(w, h, bw, bh, rng)
+        flip_r = rng.random()
         if self.data.center_crop:
-            left, top = int(round((rw - r) / 2.0)), int(round((rh - r) / 2.0))
+            left, top = int(round((rw - bw) / 2.0)), int(round((rh - bh) / 2.0))
         else:
             left, top = left_r, top_r
         return CropPlan(left, top, bool(self.data.random_flip and flip_r < 0.5))
 
-    def decode(self, img: Image.Image) -> Image.Image:
+    def decode(self, img: Image.Image, bucket: Optional[Bucket] = None) -> Image.Image:
         """Pixels of an opened image as upright 8-bit RGB; a JPEG much larger than the target is decoded at a
         1/2^k draft scale. Any failure while decoding raises RecordError('bad_image')."""
         try:
             orientation = exif_orientation(img)
             w, h = img.size  # as stored
-            if img.format == "JPEG" and min(w, h) >= 2 * self.data.resolution:
+            if img.format == "JPEG" and min(w, h) >= 2 * min(self.output_size(bucket)):
                 # Ask for the resized size, in stored axes: Pillow picks the largest 1/2^k scale that keeps both
                 # sides >= it.
-                rw, rh = self.resized_size(*((h, w) if orientation in SWAPS_AXES else (w, h)))
+                rw, rh = self.resized_size(*((h, w) if orientation in SWAPS_AXES else (w, h)), bucket)
                 img.draft("RGB", (rh, rw) if orientation in SWAPS_AXES else (rw, rh))
             img.load()
             if orientation != 1:  # exif_transpose copies even an upright image: only when there is work
@@ -133,33 +141,36 @@ class ImageTransform:
         except Exception as e:  # noqa: BLE001 - truncated or corrupt pixel data, or a decoder's own failure
             raise RecordError("bad_image", f"{type(e).__name__}: {e}") from None
 
-    def crop_box(self, decoded_size: Tuple[int, int], size: Tuple[int, int], plan: CropPlan) -> Tuple[float, ...]:
+    def crop_box(self, decoded_size: Tuple[int, int], size: Tuple[int, int], plan: CropPlan,
+                 bucket: Optional[Bucket] = None) -> Tuple[float, ...]:
         """The crop of `plan` as a box (x0, y0, x1, y1) in the pixels of the decoded upright image
         (`decoded_size`, after any draft) of an image whose upright size is `size`: resized coords * (decoded /
         resized)."""
-        r = self.data.resolution
-        (rw, rh), (dw, dh) = self.resized_size(*size), decoded_size
-        sx, sy = dw / rw, dh / rh
-        # min(): (left + r) * dw / rw may land an ulp past dw.
-        return plan.left * sx, plan.top * sy, min(dw, (plan.left + r) * sx), min(dh, (plan.top + r) * sy)
+        return crop_box_for(*size, *self.output_size(bucket), (plan.left, plan.top), decoded_size)
 
     def resize_crop(self, img: Image.Image, size: Tuple[int, int], plan: CropPlan,
-                    out: Optional[np.ndarray] = None) -> np.ndarray:
-        """The R x R crop of `plan` as float32 [3, R, R] in [-1, 1] (into `out` when given), computed from
-        the decoded upright RGB `img` of an image whose upright size is `size`: only the crop box is resampled."""
+                    out: Optional[np.ndarray] = None, bucket: Optional[Bucket] = None) -> np.ndarray:
+        """The crop of `plan` as float32 [3, R, R] (with a bucket: [3, height, width]) in [-1, 1] (into `out`
+        when given), computed from the decoded upright RGB `img` of an image whose upright size is `size`: only
+        the crop box is resampled."""
         # Not wrapped in RecordError: the pixels are loaded by now, so an error here is a bug, not bad data.
-        return resample_crop(img, self.crop_box(img.size, size, plan), self.data.resolution, self.data.interpolation,
-                             plan.flip, out)
+        return resample_crop(img, self.crop_box(img.size, size, plan, bucket), self.output_size(bucket),
+                             self.data.interpolation, plan.flip, out)
 
-    def apply(self, img: Image.Image, rng: np.random.Generator, out: Optional[np.ndarray] = None) -> np.ndarray:
-        """float32 [3, R, R] in [-1, 1] from an image from `open_checked`, written into `out` when given (a
-        slot of the batch array, which saves an allocation and the copy of stacking). Raises
-        RecordError('bad_image') when the pixel data is corrupt."""
+    def apply(self, img: Image.Image, rng: np.random.Generator, out: Optional[np.ndarray] = None,
+              bucket: Optional[Bucket] = None) -> np.ndarray:
+        """float32 [3, R, R] (with a bucket: [3, height, width]) in [-1, 1] from an image from `open_checked`,
+        written into `out` when given (a slot of the batch array, which saves an allocation and the copy of
+        stacking). Raises RecordError('bad_image') when the pixel data is corrupt."""
         size = self._checked_size(img)
-        plan = self.plan(*size, rng)
-        return self.resize_crop(self.decode(img), size, plan, out)
+        plan = self.plan(*size, rng, bucket)
+        return self.resize_crop(self.decode(img, bucket), size, plan, out, bucket)
+
+    def upright_size(self, img: Image.Image) -> Tuple[int, int]:
+        """(width, height) of an image from `open_checked`, EXIF orientation applied: what picks its bucket."""
+        return self._checked_size(img)
 
     def __call__(self, image_bytes: bytes, rng: np.random.Generator,
-                 out: Optional[np.ndarray] = None) -> np.ndarray:
+                 out: Optional[np.ndarray] = None, bucket: Optional[Bucket] = None) -> np.ndarray:
         """`apply` on encoded bytes. Raises RecordError('bad_image' | 'too_small' | 'too_large')."""
-        return self.apply(self.open_checked(image_bytes), rng, out)
+        return self.apply(self.open_checked(image_bytes), rng, out, bucket)
