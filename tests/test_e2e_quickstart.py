@@ -1,5 +1,7 @@
-"""End-to-end tier: the quickstart's stages on the tiny default, from a fresh demo dataset to eval and a measured
-caption adherence. Runs the real scripts (prepare_demo_data.sh, train.sh with the committed preset, eval.py)."""
+"""End-to-end tier: the quickstart's stages on the tiny default, from a fresh demo dataset (parts and latents) to
+eval and a measured caption adherence. Runs the real scripts (prepare_demo_data.sh, train.sh with the committed
+preset, eval.py). The floors sit well below README's measured adherence and well above chance, so a regression in
+what the recipe learns (color, shape or position) fails here."""
 import json
 import os
 import shlex
@@ -33,18 +35,27 @@ def run(cmd, env=None, timeout=900):
     return proc
 
 
-def test_quickstart_trains_a_model_that_follows_color_captions(tmp_path):
+def test_quickstart_trains_a_model_that_draws_what_its_caption_says(tmp_path):
     data, out = tmp_path / "demo", tmp_path / "run"
     run(["sh", "scripts/prepare_demo_data.sh"], env={"DEMO_DIR": str(data)})
-    file_list = data / "filelist" / "demo.filelist.list"
-    assert file_list.exists()
+    assert (data / "filelist" / "demo.filelist.list").exists()
     manifest = json.loads((data / "demo.manifest.json").read_text())
     assert manifest["records_written"] == 2000 and manifest["records_rejected"] == 0
+    file_list = data / "latents" / "filelist" / "demo.filelist.list"  # what the preset trains from
+    latents = json.loads((data / "latents" / "demo.manifest.json").read_text())
+    assert latents["format"] == "sd_latents" and latents["records_written"] == 2000
 
     # The preset as `sh train.sh` runs it, with paths into tmp_path.
-    run(["sh", "train.sh", *preset_flags(file_list=file_list, output_dir=out)])
-    assert (out / "unet" / "config.json").exists() and (out / "checkpoint-600" / ".complete").exists()
-    assert (out / "samples" / "step-0000600_samples_cfg7.5.png").exists()
+    # The preset at half its steps (the cosine schedule follows --max_steps): the quickstart's stages and math in
+    # half its time, so the suite keeps to its budget; README's figures come from the full preset.
+    flags = preset_flags(file_list=file_list, output_dir=out, max_steps=1200, save_steps=600,
+                         image_logging_steps=600)
+    steps = int(flags[flags.index("--max_steps") + 1])
+    proc = run(["sh", "train.sh", *flags])
+    log = proc.stdout + proc.stderr
+    assert "training from cached latents" in log
+    assert (out / "unet" / "config.json").exists() and (out / f"checkpoint-{steps}" / ".complete").exists()
+    assert (out / "samples" / f"step-{steps:07d}_samples_cfg7.5.png").exists()
     assert (out / "model_index.json").exists()  # a finished run is a pipeline folder
 
     # The quickstart's eval command: the run's text_encoder/ beside unet/ is a byte copy of the init's, so it is
@@ -56,13 +67,16 @@ def test_quickstart_trains_a_model_that_follows_color_captions(tmp_path):
     index = json.loads((tmp_path / "eval" / "index.json").read_text())
     assert {e["guidance"] for e in index} == {1.0, 7.5}
 
-    # A smaller version of the README's adherence measurement: color must clear a floor well above chance.
+    # A smaller version of the README's adherence measurement (60 images per guidance instead of 360). The floors
+    # sit below what half the preset reaches here and far above what a broken recipe draws: the previous preset
+    # (min-SNR-5 weighting) left shape and position at chance (README, "What the quickstart learns").
     import eval as eval_cli
 
     result = eval_cli.main(["adherence", "--model_dir", TINY_INIT, "--unet_path", str(out / "unet"),
                             "--max_combinations", "30", "--num_per_combination", "2", "--seed", "0",
                             "--output_dir", str(tmp_path / "adherence")])
     acc = {g["guidance"]: g["accuracy"] for g in result["by_guidance"]}
-    chance = result["chance"]["color"]
-    assert acc[7.5]["color"] >= 3 * chance, (acc, chance)
-    assert acc[7.5]["color"] > acc[1.0]["color"], acc
+    chance = result["chance"]
+    assert acc[7.5]["color"] >= 0.9 and acc[7.5]["color"] >= acc[1.0]["color"], (acc, chance)
+    assert acc[7.5]["position"] >= 4 * chance["position"], (acc, chance)
+    assert max(acc[1.0]["shape"], acc[7.5]["shape"]) >= 0.45, (acc, chance)

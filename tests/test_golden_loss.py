@@ -1,7 +1,7 @@
 """Golden loss curve, torchtitan's practice: 60 steps of the tiny preset's training math on the session's demo
 parts must reproduce tests/golden/tiny_loss_curve.json step by step.
 
-The noise schedule, the loss and its SNR weighting, the timestep and noise draws, the data order and the
+The noise schedule, the loss (v-prediction), the learning-rate schedule (warmup, cosine), the timestep and noise draws, the data order and the
 transforms all move this curve, and a per-step loss at batch 8 swings by tens of percent between steps, so an
 unintended change cannot hide inside the tolerance. The tolerance only absorbs float reassociation across CPUs
 (the demo images are PNG, so the pixels themselves are exact). If a change is intended, regenerate and say why
@@ -24,8 +24,9 @@ pytestmark = pytest.mark.smoke
 GOLDEN = os.path.join(ROOT, "tests", "golden", "tiny_loss_curve.json")
 # The quickstart preset's math (sd/configs/tiny_default.args) at batch 8 for 60 steps, loader inline.
 FLAGS = ["--resolution", "32", "--center_crop", "True", "--per_device_train_batch_size", "8",
-         "--learning_rate", "2e-3", "--lr_scheduler_type", "constant", "--prediction_type", "v_prediction",
-         "--snr_gamma", "5", "--max_grad_norm", "1.0", "--max_steps", "60", "--logging_steps", "1", "--seed", "23",
+         "--learning_rate", "2e-3", "--lr_scheduler_type", "cosine", "--warmup_steps", "20",
+         "--prediction_type", "v_prediction", "--max_grad_norm", "1.0", "--max_steps", "60", "--logging_steps", "1",
+         "--seed", "23",
          "--dataloader_num_workers", "0", "--image_logging_steps", "0", "--save_steps", "1000",
          "--report_to", "none", "--disable_tqdm", "True"]
 RTOL, ATOL = 5e-3, 1e-4
