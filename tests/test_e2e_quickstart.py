@@ -43,7 +43,7 @@ def test_quickstart_trains_a_model_that_draws_what_its_caption_says(tmp_path):
     assert manifest["records_written"] == 2000 and manifest["records_rejected"] == 0
     file_list = data / "latents" / "filelist" / "demo.filelist.list"  # what the preset trains from
     latents = json.loads((data / "latents" / "demo.manifest.json").read_text())
-    assert latents["format"] == "sd_latents" and latents["records_written"] == 2000
+    assert latents["format"] == "sd_latents" and latents["records"] == 2000 and latents["records_rejected"] == 0
 
     # The preset as `sh train.sh` runs it, with paths into tmp_path.
     # The preset at half its steps (the cosine schedule follows --max_steps): the quickstart's stages and math in
