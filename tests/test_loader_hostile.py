@@ -35,7 +35,9 @@ def _stream(fl: str, **data_kw):
 
 
 def _last_line(proc) -> str:
-    lines = proc.stderr.strip().splitlines()
+    """The main process's last line. A DataLoader worker may still log a skipped record after the main process
+    printed its error (the workers end after it), so those warning lines are not the main process's."""
+    lines = [ln for ln in proc.stderr.strip().splitlines() if " worker " not in ln or "skipped record" not in ln]
     return lines[-1] if lines else ""
 
 
