@@ -17,9 +17,6 @@ list until it holds a batch.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import shlex
 import sys
 import tempfile
 import time
@@ -28,20 +25,14 @@ from typing import List
 
 import numpy as np
 
-from bench_loader import timed, write_dataset  # the script's folder is on sys.path when run as a script
+# the script's folder is on sys.path when run as a script
+from bench_loader import loader_bench_parser, print_command, timed, write_dataset
 
 
 def main(argv: List[str] = None) -> int:
-    p = argparse.ArgumentParser(description="loader samples/s per worker, aspect-ratio buckets vs square crops")
-    p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--num_images", type=int, default=24)
-    p.add_argument("--samples", type=int, default=480, help="samples timed per pipeline per round")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    print("command: OMP_NUM_THREADS=%s %s %s" % (os.environ.get("OMP_NUM_THREADS", "<unset>"), sys.executable,
-                                                 " ".join(shlex.quote(a) for a in sys.argv)))
+    args = loader_bench_parser("loader samples/s per worker, aspect-ratio buckets vs square crops",
+                               rounds=7).parse_args(argv)
+    print_command()
     from trainer.loader.config import DataArguments
     from trainer.loader.text_image_dataset import TextImageDataset
 

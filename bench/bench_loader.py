@@ -148,18 +148,29 @@ def our_stage_ms(part: str, tf, images: List[bytes], rounds: int) -> dict:
     return {k: 1000 * min(timed(fn)[0] for _ in range(rounds)) / len(images) for k, fn in work.items()}
 
 
-def main(argv: List[str] = None) -> int:
-    p = argparse.ArgumentParser(description="loader samples/s per worker, ours vs the reference design")
+def loader_bench_parser(description: str, rounds: int) -> argparse.ArgumentParser:
+    """The options every loader bench shares (this one and bench_buckets.py): data size, samples, rounds."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--num_images", type=int, default=24)
     p.add_argument("--samples", type=int, default=480, help="samples timed per pipeline per round")
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--interpolation", default="lanczos", help="for both pipelines (the reference's is lanczos)")
+    p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return p
+
+
+def print_command() -> None:
+    """The exact command, thread setting included: README's figures cite it."""
     print("command: OMP_NUM_THREADS=%s %s %s" % (os.environ.get("OMP_NUM_THREADS", "<unset>"), sys.executable,
                                                  " ".join(shlex.quote(a) for a in sys.argv)))
+
+
+def main(argv: List[str] = None) -> int:
+    p = loader_bench_parser("loader samples/s per worker, ours vs the reference design", rounds=9)
+    p.add_argument("--interpolation", default="lanczos", help="for both pipelines (the reference's is lanczos)")
+    args = p.parse_args(argv)
+    print_command()
     from trainer.loader.config import DataArguments
     from trainer.loader.text_image_dataset import TextImageDataset
     from trainer.loader.transforms import ImageTransform

@@ -11,7 +11,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -115,6 +115,24 @@ def open_loader(dataset) -> Iterator:
         shutdown = getattr(it, "_try_shutdown_all", None)
         if shutdown is not None:
             shutdown()
+
+
+def run_tracked(dataset, n: int, state: Optional[dict], digest: Callable[[dict], str]):
+    """Resume `dataset` from `state` (None: from the start), take n batches through the real DataLoader with a
+    LoaderStateTracker, and return ([digest(batch) for each batch], tracker): the resume tests compare these
+    digest lists between an uninterrupted run and a saved-then-resumed one."""
+    from trainer.loader.loader_state import LoaderStateTracker
+
+    if state is not None:
+        dataset.load_state_dict(state)
+    tracker = LoaderStateTracker(dataset)
+    out = []
+    with open_loader(dataset) as batches:
+        for batch in batches:
+            out.append(digest(tracker.consume(batch)))
+            if len(out) == n:
+                break
+    return out, tracker
 
 
 def image_transform(folder: str, resolution: int, **data_kw):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from data_tools.part_format import encode_record
-from helpers import image_bytes, open_loader, truncated_jpeg, write_filelist_list, write_source
+from helpers import image_bytes, run_tracked, truncated_jpeg, write_filelist_list, write_source
 from trainer.loader.config import DataArguments
 from trainer.loader.loader_state import LoaderStateTracker
 from trainer.loader.text_image_dataset import TextImageDataset, load_state_file
@@ -48,19 +48,13 @@ def _ds(fl: str, batch: int = 3, workers: int = 0, rank: int = 0, world: int = 1
                             seed=7)
 
 
+def _bucket_digest(batch: dict) -> str:
+    px = batch["pixel_values"].numpy()
+    return f"{px.shape[3]}x{px.shape[2]}:" + hashlib.sha256(px.tobytes()).hexdigest()[:12]
+
+
 def _run(ds: TextImageDataset, n: int, state: Optional[dict] = None) -> Tuple[List[str], LoaderStateTracker]:
-    if state is not None:
-        ds.load_state_dict(state)
-    tracker = LoaderStateTracker(ds)
-    out = []
-    with open_loader(ds) as batches:
-        for batch in batches:
-            batch = tracker.consume(batch)
-            px = batch["pixel_values"].numpy()
-            out.append(f"{px.shape[3]}x{px.shape[2]}:" + hashlib.sha256(px.tobytes()).hexdigest()[:12])
-            if len(out) == n:
-                break
-    return out, tracker
+    return run_tracked(ds, n, state, _bucket_digest)
 
 
 @pytest.mark.unit

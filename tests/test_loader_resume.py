@@ -13,7 +13,7 @@ import paddle
 import pytest
 
 from data_tools.part_format import encode_record
-from helpers import open_loader, records, tiny_clip_tokenizer, write_filelist_list, write_source
+from helpers import open_loader, records, run_tracked, tiny_clip_tokenizer, write_filelist_list, write_source
 from trainer.loader.loader_state import LoaderStateTracker
 from trainer.loader.config import DataArguments
 from trainer.loader.text_image_dataset import TextImageDataset, load_state_file
@@ -46,18 +46,12 @@ def _run(fl: str, n: int, workers: int, state: Optional[dict] = None, tokenizer=
          world: int = 1, seed: int = 42, **kw) -> Tuple[List[str], LoaderStateTracker]:
     ds = TextImageDataset(_cfg(fl, **kw), tokenizer, 3, rank=rank, world_size=world, num_workers=workers,
                           seed=seed, model_max_length=77)
-    if state is not None:
-        ds.load_state_dict(state)
-    tracker = LoaderStateTracker(ds)
-    out = []
-    with open_loader(ds) as batches:
-        for batch in batches:
-            batch = tracker.consume(batch)
-            assert isinstance(batch["pixel_values"], paddle.Tensor) and "loader_state" not in batch
-            out.append(_digest({k: v.numpy() for k, v in batch.items()}))
-            if len(out) == n:
-                break
-    return out, tracker
+    return run_tracked(ds, n, state, _checked_digest)
+
+
+def _checked_digest(batch: dict) -> str:
+    assert isinstance(batch["pixel_values"], paddle.Tensor) and "loader_state" not in batch
+    return _digest({k: v.numpy() for k, v in batch.items()})
 
 
 @pytest.mark.unit
