@@ -105,10 +105,11 @@ def vae_stage(work: str) -> dict:
     report = json.load(open(os.path.join(out, "vae_report.json"), encoding="utf-8"))
     report["reconstruction_adherence"] = reconstruction_adherence(os.path.join(out, "vae"), f"{held_out}/raw")
     # How the read-back grows with VAE training: what README's "the VAE no longer caps shape" cites.
+    from trainer.checkpoint import complete_checkpoints  # imports paddle: only for this stage
+
     report["reconstruction_adherence_by_step"] = {
-        name.split("-")[1]: reconstruction_adherence(os.path.join(out, name, "vae"), f"{held_out}/raw")
-        for name in sorted(os.listdir(out), key=lambda n: int(n.split("-")[1]) if n.startswith("checkpoint-") else 0)
-        if name.startswith("checkpoint-")}
+        str(step): reconstruction_adherence(os.path.join(path, "vae"), f"{held_out}/raw")
+        for step, path in complete_checkpoints(out)}
     report["init_vae_reconstruction_adherence"] = reconstruction_adherence("sd/tiny_init/vae", f"{held_out}/raw")
     return report
 
