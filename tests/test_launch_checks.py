@@ -227,3 +227,46 @@ def test_a_helper_whose_parent_is_already_gone_exits_at_once():
     proc = subprocess.run([sys.executable, "-c", "import time; from trainer.launch.reaper import die_with_parent; "
                            f"die_with_parent({dead.pid}); time.sleep(60)"], cwd=ROOT, timeout=30)
     assert proc.returncode == ORPHAN_EXIT_CODE
+
+
+# A rank in miniature: the fork hook and a death reporter, then a fork that leaves a batch-like file in /dev/shm
+# (named as paddle names a DataLoader worker's) and sleeps; the rank prints the fork's pid and file, then waits.
+RANK = textwrap.dedent(r'''
+    import os, sys, time
+    from trainer.launch.reaper import DeathReporter, install_worker_reaper
+    install_worker_reaper()
+    reporter = DeathReporter("rank 9 of 10 in a test")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        path = f"/dev/shm/paddle_{os.getpid()}_0_test"
+        open(path, "wb").close()
+        os.write(write_end, path.encode())
+        time.sleep(60)
+        os._exit(0)
+    print(pid, os.read(read_end, 4096).decode(), flush=True)
+    time.sleep(60)
+''')
+
+
+@pytest.mark.smoke
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm on this OS")
+def test_a_killed_rank_is_reported_and_its_fresh_workers_batches_removed():
+    """SIGKILL a rank right after it forked a worker (well inside any polling period: the worker is known because
+    it reported itself on fork): the death reporter says so in the rank's stderr and removes the worker's file."""
+    rank = subprocess.Popen([sys.executable, "-c", RANK], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    worker, path = rank.stdout.readline().split()
+    try:
+        assert os.path.exists(path)
+        rank.send_signal(signal.SIGKILL)
+        rank.wait()
+        deadline = time.monotonic() + 10
+        while os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(path), "the killed rank's worker left its batch in /dev/shm"
+        assert gone(int(worker)), "the worker outlived its rank"
+        assert "JOB: rank 9 of 10 in a test died: its process ended without finishing" in rank.stderr.read()
+    finally:
+        if os.path.exists(path):
+            os.remove(path)

@@ -4,13 +4,14 @@
   DataLoader workers (through `install_worker_reaper`'s fork hook) and by create_pretraining_data.py's pool
   workers (data_tools/ingest.init_worker). Without it, a SIGKILLed parent (OOM killer, a user) leaves its
   workers blocked forever on a full result queue, holding /dev/shm, sockets and the forkserver.
-- `start_death_reporter(label)`: a tiny child interpreter per rank that says in the rank's log when the rank
+- `DeathReporter(label)`: a tiny child interpreter per rank that says in the rank's log when the rank
   vanished without a word, then removes the batches the rank's DataLoader workers left in /dev/shm.
 
 Import-light on purpose (no paddle, no numpy): the data tool's workers import this.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -83,7 +84,7 @@ def _alive(pid: int) -> bool:
 # ------------------------------------------------------------------------------------------------ fork hooks
 _reaper_installed = False
 _fork_parent = {"pid": 0, "main_thread": False}
-_close_in_children: set = set()  # fds a forked child must not inherit (the death reporter's pipe)
+_reporter_pipes: set = set()  # the death reporter's pipe: a forked child reports its pid on it, then closes it
 
 
 def install_worker_reaper() -> None:
@@ -100,9 +101,11 @@ def install_worker_reaper() -> None:
         _fork_parent.update(pid=os.getpid(), main_thread=threading.current_thread() is threading.main_thread())
 
     def in_child() -> None:
-        for fd in _close_in_children:
+        for fd in _reporter_pipes:
+            with contextlib.suppress(BrokenPipeError):  # the reporter is gone: so is the rank, and this child next
+                os.write(fd, b"k%d\n" % os.getpid())
             os.close(fd)
-        _close_in_children.clear()
+        _reporter_pipes.clear()
         if _fork_parent["main_thread"]:
             die_with_parent(_fork_parent["pid"])
 
@@ -111,22 +114,25 @@ def install_worker_reaper() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ death reporter
-# Run by a tiny child interpreter per rank (no paddle import), on the read end of a pipe only the rank writes to.
-# The rank's last word: f(inished), q(uiet: preflight error). Anything else is an abnormal end: EOF without a
-# word means the rank vanished (SIGKILL, OOM killer, native abort), which it can no longer say itself, so this
-# says it, in the rank's own log, which its launcher prints. Then, once the rank and its DataLoader workers are
-# gone, it removes the batches the workers left in /dev/shm: their only reader is dead, and a crash per run
-# would otherwise fill /dev/shm (GBs at SD scale) until the next run dies with a bus error.
+# Run by a tiny child interpreter per rank (no paddle import), on the read end of a pipe only the rank and its
+# forks write to, one line per write (atomic: shorter than PIPE_BUF). Each fork's first act is "k<pid>" (the fork
+# hook above), before it can make a batch, so no DataLoader worker goes unnoticed however short-lived (the
+# workers of an epoch shorter than any polling period). The rank's last word: f(inished), q(uiet: preflight
+# error); anything else is an abnormal end. EOF without a word means the rank vanished (SIGKILL, OOM killer,
+# native abort), which it can no longer say itself, so this says it, in the rank's own log, which its launcher
+# prints. Then, once the rank and its workers are gone, it removes the batches the workers left in /dev/shm: their
+# only reader is dead, and a crash per run would otherwise fill /dev/shm (GBs at SD scale) until the next run
+# dies with a bus error.
 _DEATH_REPORTER = r"""
-import contextlib, glob, os, select, sys, time
-rank, kids, word = os.getppid(), set(), b""
-while not select.select([0], [], [], 1.0)[0]:  # meanwhile, note the rank's children (its DataLoader workers)
-    tasks = os.listdir(f"/proc/{rank}/task") if os.path.isdir(f"/proc/{rank}/task") else []
-    for tid in tasks:
-        with contextlib.suppress(OSError):  # a thread that ends while we look has no children to note
-            with open(f"/proc/{rank}/task/{tid}/children") as f:
-                kids.update(int(k) for k in f.read().split() if int(k) != os.getpid())
-word = os.read(0, 1)
+import contextlib, glob, os, sys, time
+rank, data = int(sys.argv[2]), b""  # not getppid(): the rank may be dead before this starts
+chunk = os.read(0, 4096)
+while chunk:  # until every writer is gone: the rank (its word, or its death) and its forks (once they are up)
+    data += chunk
+    chunk = os.read(0, 4096)
+lines = data.split(b"\n")
+kids = {int(line[1:]) for line in lines if line.startswith(b"k")}
+word = b"".join(line for line in lines if not line.startswith(b"k"))
 if word in (b"f", b"q"):
     sys.exit(0)
 if not word:
@@ -149,16 +155,16 @@ class DeathReporter:
 
     def __init__(self, label: str):
         read_fd, self._fd = os.pipe()
-        self.process: Optional[subprocess.Popen] = subprocess.Popen([sys.executable, "-c", _DEATH_REPORTER, label],
-                                                                    stdin=read_fd)
+        self.process: Optional[subprocess.Popen] = subprocess.Popen(
+            [sys.executable, "-c", _DEATH_REPORTER, label, str(os.getpid())], stdin=read_fd)
         os.close(read_fd)
-        _close_in_children.add(self._fd)  # a forked DataLoader worker must not keep the pipe open
+        _reporter_pipes.add(self._fd)  # a forked DataLoader worker reports its pid on it, then closes it
         self._lock = threading.Lock()  # the main and the watchdog thread may both get here
 
     def say(self, word: bytes) -> None:
         with self._lock:
             if self._fd >= 0:
-                os.write(self._fd, word)
+                os.write(self._fd, word + b"\n")
                 os.close(self._fd)
-                _close_in_children.discard(self._fd)
+                _reporter_pipes.discard(self._fd)
                 self._fd = -1
