@@ -24,6 +24,7 @@ order) instead of grid.png, and the samples drawn per bucket are printed as JSON
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -33,6 +34,7 @@ from typing import List, Optional
 import numpy as np
 
 from data_tools.fileio import write_text_atomic
+from sd.components import tokenizer_max_length
 from sd.config import parse_args, save_config
 from sd.images import grid, to_uint8
 from trainer.loader.buckets import bucket_name
@@ -48,7 +50,9 @@ class InspectArguments:
     seed: int = field(default=42, metadata={"help": "The training seed to reproduce (train.py's --seed)."})
     tokenizer: Optional[str] = field(
         default=None, metadata={"help": "A CLIPTokenizer folder; adds input_ids to samples.jsonl."})
-    model_max_length: int = field(default=77, metadata={"help": "Tokenizer padding/truncation length."})
+    model_max_length: Optional[int] = field(
+        default=None, metadata={"help": "Tokenizer padding/truncation length (default: the tokenizer's own, as in "
+                                "training)."})
     batch_size: int = field(
         default=1, metadata={"help": "Samples per batch (train.py's --per_device_train_batch_size): with "
                                      "--aspect_ratio_buckets, each batch is one bucket's, so it sets the order."})
@@ -64,7 +68,7 @@ class InspectArguments:
             raise ValueError(f"--num_samples must be >= 1, got {self.num_samples}")
         if self.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
-        if self.model_max_length < 2:
+        if self.model_max_length is not None and self.model_max_length < 2:
             raise ValueError(f"--model_max_length must be >= 2, got {self.model_max_length}")
         if self.batch_size < 1:
             raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}")
@@ -99,6 +103,8 @@ def resolve(data: DataArguments, inspect: InspectArguments) -> InspectRun:
     if vae is not None and not os.path.isfile(os.path.join(vae, "config.json")):
         raise FileNotFoundError(f"--vae_name_or_path / --pretrained_model_name_or_path: no AutoencoderKL at {vae} "
                                 "(no config.json)")
+    if inspect.tokenizer is not None and inspect.model_max_length is None:
+        inspect = dataclasses.replace(inspect, model_max_length=tokenizer_max_length(inspect.tokenizer))
     return InspectRun(data, inspect, file_list=os.path.abspath(data.file_list),
                       output_dir=os.path.abspath(inspect.output_dir),
                       tokenizer=os.path.abspath(inspect.tokenizer) if inspect.tokenizer else None,

@@ -29,7 +29,7 @@ from typing import List, Mapping, NamedTuple, Optional, Tuple
 
 from paddlenlp.trainer import TrainingArguments
 
-from sd.components import Components, read_config, resolve_components
+from sd.components import Components, read_config, resolve_components, tokenizer_max_length
 from sd.config import build_parser, parse_args, save_config
 from sd.device import DeviceFacts, resolve_model_features, resolve_precision
 from trainer.loader.config import DataArguments
@@ -37,6 +37,7 @@ from trainer.loader.config import DataArguments
 logger = logging.getLogger("sd")
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+SNR_WEIGHTINGS = ("min_snr", "capped_x0")
 TRAIN_CONFIG_NAME = "train_config.json"
 # The reference's environment switches (its sd_args.py, exported by its README's 4.2/4.3 commands) -> our field.
 ENV_ALIASES: Tuple[Tuple[str, str], ...] = (
@@ -67,7 +68,9 @@ class ModelArguments:
     tokenizer_name: Optional[str] = field(
         default=None, metadata={"help": "Folder of a CLIPTokenizer (default: the root's tokenizer/, else the "
                                 "tokenizer/ beside the text encoder)."})
-    model_max_length: int = field(default=77, metadata={"help": "Tokenizer padding/truncation length."})
+    model_max_length: Optional[int] = field(
+        default=None, metadata={"help": "Tokenizer padding/truncation length (default: the tokenizer's own "
+                                "model_max_length: 77 for SD v1's, 16 for the tiny default's)."})
     train_text_encoder: bool = field(default=False, metadata={"help": "Also train the text encoder."})
     unet_learning_rate: Optional[float] = field(default=None, metadata={"help": "Overrides --learning_rate for the UNet."})
     text_encoder_learning_rate: Optional[float] = field(
@@ -75,6 +78,11 @@ class ModelArguments:
     prediction_type: str = field(default="epsilon", metadata={"help": "What the UNet predicts.", "choices": list(PREDICTION_TYPES)})
     noise_offset: float = field(default=0.0, metadata={"help": "Offset noise scale (0 = off); 0.05-0.1 typical."})
     snr_gamma: Optional[float] = field(default=None, metadata={"help": "Min-SNR-gamma weighting (5.0 recommended)."})
+    snr_weighting: str = field(
+        default="min_snr",
+        metadata={"help": "What --snr_gamma caps. min_snr: the x0 error weighted min(SNR, gamma) (Hang et al.), which "
+                  "drops the high-noise steps; capped_x0 (v_prediction only): weighted min(SNR + 1, gamma), the plain "
+                  "v loss with its low-noise weight capped, high-noise steps kept.", "choices": list(SNR_WEIGHTINGS)})
     input_perturbation: float = field(default=0.0, metadata={"help": "Input perturbation scale (0.1 recommended)."})
     use_ema: bool = field(default=False, metadata={"help": "Keep an EMA of the UNet (ppdiffusers LitEma)."})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (warmed up as (1+n)/(10+n))."})
@@ -91,12 +99,17 @@ class ModelArguments:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"--snr_gamma must be > 0, got {self.snr_gamma}")
+        if self.snr_weighting not in SNR_WEIGHTINGS:
+            raise ValueError(f"--snr_weighting {self.snr_weighting!r} not in {SNR_WEIGHTINGS}")
+        if self.snr_weighting == "capped_x0" and self.prediction_type != "v_prediction":
+            raise ValueError("--snr_weighting capped_x0 needs --prediction_type v_prediction (for epsilon its weight "
+                             "min(SNR + 1, gamma) / SNR is unbounded at high noise)")
         for name in ("unet_learning_rate", "text_encoder_learning_rate"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError(f"--ema_decay must be in [0, 1], got {self.ema_decay}")
-        if self.model_max_length < 2:
+        if self.model_max_length is not None and self.model_max_length < 2:
             raise ValueError(f"--model_max_length must be >= 2, got {self.model_max_length}")
         if self.num_inference_steps < 1:
             raise ValueError(f"--num_inference_steps must be >= 1, got {self.num_inference_steps}")
@@ -226,6 +239,8 @@ def resolve_train(model: ModelArguments, data: DataArguments, training: SDTraini
     components = resolve_components(
         "train", model.pretrained_model_name_or_path, vae=model.vae_name_or_path,
         text_encoder=model.text_encoder_name_or_path, tokenizer=model.tokenizer_name, unet=model.unet_name_or_path)
+    model = dataclasses.replace(
+        model, model_max_length=model.model_max_length or tokenizer_max_length(components.tokenizer))
     check_model_max_length(model.model_max_length, components)
     latents, latent_notices = check_latents(model, data, components)
     precision, precision_notices = resolve_precision(training.fp16, training.bf16, training.fp16_opt_level, device)

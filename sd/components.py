@@ -111,6 +111,18 @@ class Components:
         return read_config(self.unet if self.unet_from_config else os.path.join(self.unet, "config.json"))
 
 
+CLIP_MODEL_MAX_LENGTH = 77  # CLIPTokenizer's own default, when a tokenizer folder does not set it
+
+
+def tokenizer_max_length(tokenizer_dir: str) -> int:
+    """The padding length a tokenizer folder declares (tokenizer_config.json "model_max_length"): SD v1's is 77,
+    the tiny default's 16. --model_max_length defaults to it, so the length a model trains with is the one its
+    pipeline folder samples with."""
+    path = os.path.join(tokenizer_dir, "tokenizer_config.json")
+    config = read_config(path) if os.path.isfile(path) else {}
+    return int(config.get("model_max_length", CLIP_MODEL_MAX_LENGTH))
+
+
 def read_config(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"missing config file: {path}")

@@ -75,6 +75,14 @@ def min_snr_weights(snr: paddle.Tensor, gamma: float, prediction_type: str) -> p
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
 
+def capped_x0_weights(snr: paddle.Tensor, gamma: float) -> paddle.Tensor:
+    """Weights of v-prediction MSE that weight the x0 error min(SNR + 1, gamma). The plain v loss is the x0 error
+    times SNR + 1; this caps its low-noise weight at gamma like min-SNR does, but keeps the high-noise steps at
+    weight ~1 where min-SNR's min(SNR, gamma) / (SNR + 1) sends them to 0 (and with them, on the tiny default, what
+    the model learns of the layout)."""
+    return paddle.minimum(snr + 1.0, paddle.full_like(snr, gamma)) / (snr + 1.0)
+
+
 def diffusion_loss(pred: paddle.Tensor, target: paddle.Tensor,
                    weights: Optional[paddle.Tensor] = None) -> paddle.Tensor:
     """Mean squared error in float32; with `weights` ([B]) each sample's mean error is weighted first."""

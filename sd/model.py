@@ -25,7 +25,7 @@ from ppdiffusers.training_utils import freeze_params
 
 from data_tools.fileio import write_json_atomic
 from sd import losses
-from sd.components import MODEL_INDEX
+from sd.components import MODEL_INDEX, read_config, tokenizer_max_length
 from sd.paths import SCHEDULER_SD_V1
 from trainer import checkpoint as ckpt
 
@@ -284,7 +284,8 @@ class LatentDiffusionModel(nn.Layer):
         weights = None
         if args.snr_gamma is not None:
             snr = losses.snr_of(self.noise_scheduler, timesteps)
-            weights = losses.min_snr_weights(snr, args.snr_gamma, self.prediction_type)
+            weights = (losses.capped_x0_weights(snr, args.snr_gamma) if args.snr_weighting == "capped_x0"
+                       else losses.min_snr_weights(snr, args.snr_gamma, self.prediction_type))
         return losses.diffusion_loss(pred, target, weights)
 
     @contextlib.contextmanager
@@ -307,7 +308,9 @@ def save_pipeline_folder(model: LatentDiffusionModel, components, output_dir: st
     StableDiffusionPipeline.from_pretrained(output_dir) loads, with the training schedule in scheduler/. The parts
     training left unchanged (VAE, tokenizer, the text encoder unless trained) are copied byte for byte from where
     they were loaded (sd/components.Components), so eval's sd/components.py rule recognises the text encoder as
-    the root's own (same sha256), and model_index.json names the classes."""
+    the root's own (same sha256), and model_index.json names the classes. A run with a --model_max_length other
+    than its tokenizer's writes that length into the copy's tokenizer_config.json, so the folder samples with
+    the length it trained with."""
     untouched = {"vae": components.vae, "tokenizer": components.tokenizer}
     if not model.train_text_encoder:
         untouched["text_encoder"] = components.text_encoder
@@ -318,5 +321,10 @@ def save_pipeline_folder(model: LatentDiffusionModel, components, output_dir: st
         if os.path.isdir(target):  # a previous finish of this run (resumed), or a whole-pipeline save
             shutil.rmtree(target)
         shutil.copytree(source, target)
+    length = model.model_args.model_max_length
+    if length != tokenizer_max_length(components.tokenizer):  # trained with another length: sample with it too
+        config_path = os.path.join(output_dir, "tokenizer", "tokenizer_config.json")
+        config = read_config(config_path) if os.path.isfile(config_path) else {}
+        write_json_atomic(config_path, {**config, "model_max_length": length, "max_len": length})
     write_json_atomic(os.path.join(output_dir, "model_index.json"), MODEL_INDEX)
     logger.info("pipeline folder: %s (StableDiffusionPipeline.from_pretrained loads it)", output_dir)

@@ -32,7 +32,7 @@ from data_tools.fileio import sha256_file
 from data_tools.filelists import FILELIST_DIR_NAME, data_format_of, manifest_for_filelist, read_filelist_list
 from data_tools.part_format import DATA_FORMATS, RecordError, iter_part_lines, parse_record
 from data_tools.pixels import upright_size
-from sd.components import Components, resolve_components
+from sd.components import Components, resolve_components, tokenizer_max_length
 from sd.paths import UNET_TINY_CONFIG
 from trainer.loader.config import DataArguments
 from trainer.loader.transforms import INTERPOLATIONS, ImageTransform
@@ -64,7 +64,9 @@ class PrecomputeArguments:
                                                            "choices": list(lf.LATENT_DTYPES)})
     text_embeddings: bool = field(default=True, metadata={
         "help": "Store the text encoder's last hidden state; False: token ids only (the trainer encodes)."})
-    model_max_length: int = field(default=77, metadata={"help": "Tokenizer padding/truncation length."})
+    model_max_length: Optional[int] = field(
+        default=None, metadata={"help": "Tokenizer padding/truncation length (default: the tokenizer's own "
+                                "model_max_length, as in training)."})
     batch_size: int = field(default=16, metadata={"help": "Records per VAE / text encoder call."})
     dataloader_num_workers: int = field(default=0, metadata={
         "help": "Threads decoding and cropping the next batch while one is encoded (0: inline)."})
@@ -94,7 +96,8 @@ class PrecomputeArguments:
                   (self.data_format is None or self.data_format in DATA_FORMATS,
                    f"--data_format must be one of {list(DATA_FORMATS)} (or unset), got {self.data_format!r}"),
                   (self.min_image_size >= 0, f"--min_image_size must be >= 0, got {self.min_image_size}"),
-                  (self.model_max_length >= 2, f"--model_max_length must be >= 2, got {self.model_max_length}"),
+                  (self.model_max_length is None or self.model_max_length >= 2,
+                   f"--model_max_length must be >= 2, got {self.model_max_length}"),
                   (self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}"),
                   (self.dataloader_num_workers >= 0,
                    f"--dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}"),
@@ -147,6 +150,7 @@ def resolve(args: PrecomputeArguments) -> PrecomputeRun:
     comps = resolve_components("train", args.pretrained_model_name_or_path, vae=args.vae_name_or_path,
                                text_encoder=args.text_encoder_name_or_path, tokenizer=args.tokenizer_name,
                                unet=UNET_TINY_CONFIG)
+    args = dataclasses.replace(args, model_max_length=args.model_max_length or tokenizer_max_length(comps.tokenizer))
     vae = lf.folder_fingerprint(comps.vae, weights=True)
     factor = 2 ** (len(vae["config"]["block_out_channels"]) - 1)
     if args.resolution % factor:

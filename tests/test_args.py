@@ -48,6 +48,11 @@ def test_init_folder_means_unet_from_its_config(tmp_path, file_list):
     assert run.training.ignore_data_skip  # the loader resumes by position, never by re-reading
 
 
+def test_model_max_length_defaults_to_the_tokenizers_own(tmp_path, file_list):
+    assert resolve(*base(file_list, tmp_path / "o")).model.model_max_length == 16  # the tiny tokenizer's
+    assert resolve(*base(file_list, tmp_path / "o"), "--model_max_length", "77").model.model_max_length == 77
+
+
 def test_unet_folder_means_pretrained_and_both_is_ambiguous(tmp_path, file_list):
     init = tmp_path / "init"
     shutil.copytree(TINY_INIT, init)
@@ -75,6 +80,7 @@ def test_mistyped_paths_are_errors_never_random_init(tmp_path, file_list, flag, 
     (["--resolution", "100"], "multiple of 8"),
     (["--caption_dropout_prob", "1.5"], "caption_dropout_prob"),
     (["--snr_gamma", "0"], "snr_gamma"),
+    (["--snr_gamma", "5", "--snr_weighting", "capped_x0"], "capped_x0 needs --prediction_type v_prediction"),
     (["--image_logging_steps", "7", "--logging_steps", "2"], "multiple of"),
     (["--fp16", "True", "--bf16", "True"], "exclusive"),
     (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),

@@ -46,8 +46,8 @@ def test_quickstart_trains_a_model_that_draws_what_its_caption_says(tmp_path):
     assert latents["format"] == "sd_latents" and latents["records"] == 2000 and latents["records_rejected"] == 0
 
     # The preset as `sh train.sh` runs it, with paths into tmp_path.
-    # The whole preset (2400 steps, ~7.5 min here): with the init's 4000-step VAE, half the preset (1200 steps)
-    # still drew position at chance (0.18 / 0.22), so only the full run says whether the quickstart learns layout.
+    # The whole preset (2800 steps, ~8.5 min here): with the init's 4000-step VAE, 1200 steps still drew position
+    # at chance (0.18 / 0.22), and shape grows with steps up to the last, so only the full run says what it learns.
     flags = preset_flags(file_list=file_list, output_dir=out)
     steps = int(flags[flags.index("--max_steps") + 1])
     proc = run(["sh", "train.sh", *flags])
@@ -67,8 +67,8 @@ def test_quickstart_trains_a_model_that_draws_what_its_caption_says(tmp_path):
     assert {e["guidance"] for e in index} == {1.0, 7.5}
 
     # A smaller version of the README's adherence measurement (60 images per guidance instead of 360). The floors
-    # sit below what the preset reaches (README) and far above what a broken recipe draws: the previous preset
-    # (min-SNR-5 weighting) left shape and position at chance (README, "What the quickstart learns").
+    # sit below what the preset reaches (README) and far above what a broken recipe draws: min-SNR-5 weighting at
+    # 2400 steps left position at chance (README, "What the quickstart learns").
     import eval as eval_cli
 
     result = eval_cli.main(["adherence", "--model_dir", TINY_INIT, "--unet_path", str(out / "unet"),
@@ -78,4 +78,4 @@ def test_quickstart_trains_a_model_that_draws_what_its_caption_says(tmp_path):
     chance = result["chance"]
     assert acc[7.5]["color"] >= 0.9 and acc[7.5]["color"] >= acc[1.0]["color"], (acc, chance)
     assert acc[7.5]["position"] >= 4 * chance["position"], (acc, chance)
-    assert max(acc[1.0]["shape"], acc[7.5]["shape"]) >= 0.45, (acc, chance)
+    assert max(acc[1.0]["shape"], acc[7.5]["shape"]) >= 0.6, (acc, chance)  # chance 0.33

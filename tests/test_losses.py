@@ -70,6 +70,14 @@ def test_min_snr_weights_epsilon_and_v():
         losses.min_snr_weights(snr, 5.0, "sample")
 
 
+def test_capped_x0_weights_keep_high_noise_and_cap_low_noise():
+    snr = t([0.0, 0.5, 4.0, 20.0])
+    # min(snr + 1, 5) / (snr + 1) -> 1, 1, 1, 5/21: plain v loss up to SNR 4, then the x0 weight stays at 5
+    assert np.allclose(losses.capped_x0_weights(snr, 5.0).numpy(), [1.0, 1.0, 1.0, 5 / 21])
+    # where min-SNR's v weight vanishes at high noise (0 at SNR 0)
+    assert losses.min_snr_weights(snr, 5.0, "v_prediction").numpy()[0] == 0.0
+
+
 def test_diffusion_loss_plain_and_weighted():
     pred = t(np.zeros([2, 1, 1, 2]))
     target = t([[[[1.0, 1.0]]], [[[2.0, 2.0]]]])

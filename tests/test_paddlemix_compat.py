@@ -75,6 +75,8 @@ def assert_pipeline_folder_samples(output_dir):
 
     pipe = StableDiffusionPipeline.from_pretrained(str(output_dir))
     assert pipe.scheduler.config.prediction_type == "v_prediction"  # the schedule it was trained with
+    # --model_max_length 77 over a tokenizer that pads to 16 (the tiny one): the folder samples as it trained
+    assert pipe.tokenizer.model_max_length == 77
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a red circle at the top left", height=32, width=32, num_inference_steps=2,

@@ -111,7 +111,7 @@ def test_stored_moments_and_embeddings_equal_the_models_on_the_loaders_crops(flo
     vae = AutoencoderKL.from_pretrained(os.path.join(TINY_INIT, "vae"))
     text_encoder = CLIPTextModel.from_pretrained(os.path.join(TINY_INIT, "text_encoder"))
     vae.eval(), text_encoder.eval()
-    tok = CLIPTokenizer.from_pretrained(os.path.join(TINY_INIT, "tokenizer"), model_max_length=77)
+    tok = CLIPTokenizer.from_pretrained(os.path.join(TINY_INIT, "tokenizer"))  # pads to its own 16, as precompute
     shards = {s["index"] - 1: lf.LatentShard(s["path"]) for s in m["shards"]}
     by_id = {sh.record(k).record_id: (sh, k) for sh in shards.values() for k in range(sh.num_records)}
 
@@ -124,7 +124,7 @@ def test_stored_moments_and_embeddings_equal_the_models_on_the_loaders_crops(flo
     for flip in (False, True):
         ds = TextImageDataset(DataArguments(demo_file_list, resolution=32, center_crop=True, random_flip=flip,
                                             caption_dropout_prob=0.0, buffer_size=1), tok, 1, seed=7,
-                              model_max_length=77)
+                              model_max_length=tok.model_max_length)
         flipped_seen = 0
         for _, sample in zip(range(12), ds.iter_samples(0)):
             s, _, part, line = sample.ref
@@ -159,7 +159,7 @@ def test_check_compatible_names_each_mismatch_in_one_line(float32_latents, tmp_p
     m = manifest_of(float32_latents)
     dirs = {k: os.path.join(TINY_INIT, k) for k in ("vae", "text_encoder", "tokenizer")}
     sf = m["dependencies"]["scaling_factor"]
-    ok = dict(resolution=32, scaling_factor=sf, model_max_length=77, random_flip=True, interpolation="lanczos")
+    ok = dict(resolution=32, scaling_factor=sf, model_max_length=16, random_flip=True, interpolation="lanczos")
     assert lf.check_compatible(m, dirs["vae"], dirs["text_encoder"], dirs["tokenizer"], **ok) == []
     other_vae = shutil.copytree(dirs["vae"], str(tmp_path / "vae"))
     cfg = json.load(open(os.path.join(other_vae, "config.json")))

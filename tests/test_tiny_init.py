@@ -62,7 +62,7 @@ def test_text_encoder_loads_stored_weights_in_float32(text_encoder):
               max_length=tok.model_max_length, truncation=True, return_tensors="pd")["input_ids"]
     with paddle.no_grad():
         hidden = text_encoder(ids)[0]
-    assert hidden.dtype == paddle.float32 and hidden.shape == [2, 77, 48]
+    assert hidden.dtype == paddle.float32 and hidden.shape == [2, 16, 48]  # the tiny tokenizer pads to 16
     h = hidden.numpy()
     assert np.isfinite(h).all() and np.abs(h[0] - h[1]).max() > 1e-3  # different captions, different states
 

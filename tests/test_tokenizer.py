@@ -9,8 +9,9 @@ import pytest
 from paddlenlp.transformers import CLIPTokenizer
 from paddlenlp.transformers.clip.tokenizer import bytes_to_unicode as paddlenlp_bytes_to_unicode
 
-from sd.tiny.build_tokenizer import (NUM_MERGES, VOCAB_SIZE, WHEEL_MEMBER, build_tokenizer, bytes_to_unicode,
-                                        read_bpe_text)
+from sd.tiny.build_tiny_init import TinyInitConfig
+from sd.tiny.build_tokenizer import (MODEL_MAX_LENGTH, NUM_MERGES, VOCAB_SIZE, WHEEL_MEMBER, build_tokenizer,
+                                        bytes_to_unicode, read_bpe_text, set_model_max_length)
 from sd.tiny.make_demo_data import COLORS, POSITIONS, SHAPES, caption_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +52,9 @@ def test_vocab_layout(tok):
     assert [vocab[c] for c in byte_chars] == list(range(256))
     assert [vocab[c + "</w>"] for c in byte_chars] == list(range(256, 512))
     assert vocab["<|startoftext|>"] == BOS_ID and vocab["<|endoftext|>"] == EOS_ID
-    assert tok.model_max_length == 77 and tok.pad_token_id == EOS_ID and tok.bos_token_id == BOS_ID
+    # SD v1's tokenizer pads to 77; the tiny default's to 16 (build_tiny_init --model_max_length).
+    assert MODEL_MAX_LENGTH == 77 and tok.model_max_length == TinyInitConfig().model_max_length == 16
+    assert tok.pad_token_id == EOS_ID and tok.bos_token_id == BOS_ID
     assert len(tok.bpe_ranks) == NUM_MERGES
 
 
@@ -61,10 +64,10 @@ def test_padded_and_truncated_batch(tok):
     batch = tok(["a red circle at the top left", long_caption], padding="max_length", truncation=True,
                 max_length=tok.model_max_length, return_tensors="np")
     ids = np.asarray(batch["input_ids"])
-    assert ids.shape == (2, 77)
+    assert ids.shape == (2, 16)
     short = ids[0].tolist()
     n = short.index(EOS_ID)
-    assert short[0] == BOS_ID and n == 8 and short[n:] == [EOS_ID] * (77 - n)  # padded with <|endoftext|>
+    assert short[0] == BOS_ID and n == 8 and short[n:] == [EOS_ID] * (16 - n)  # padded with <|endoftext|>
     assert ids[1, 0] == BOS_ID and ids[1, -1] == EOS_ID  # truncated: eos kept at the end
     assert EOS_ID not in ids[1, 1:-1].tolist()
 
@@ -111,6 +114,7 @@ def test_rebuild_is_byte_identical(tmp_path):
             gz.write_bytes(zf.read(WHEEL_MEMBER))
         source = str(gz)
     out = build_tokenizer(source, str(tmp_path / "tokenizer"))
+    set_model_max_length(out, TinyInitConfig().model_max_length)  # what build_tiny_init does to it
     for name in FILES:
         with open(os.path.join(out, name), "rb") as a, open(os.path.join(TOKENIZER_DIR, name), "rb") as b:
             assert a.read() == b.read(), name

@@ -157,7 +157,7 @@ def test_trainer_refuses_a_mismatch_in_one_line(latents32):
     for flags, match in ((("--resolution", "64"), "--resolution 64 != 32"),
                          (("--resolution", "32", "--train_text_encoder", "True"), "--train_text_encoder"),
                          (("--resolution", "32", "--interpolation", "bicubic"), "--interpolation bicubic"),
-                         (("--resolution", "32", "--model_max_length", "16"), "--model_max_length 16")):
+                         (("--resolution", "32", "--model_max_length", "20"), "--model_max_length 20")):
         with pytest.raises(ValueError, match=match) as e:
             _resolve("--file_list", latents32, *flags)
         assert "\n" not in str(e.value)

@@ -19,6 +19,7 @@ from typing import List, Optional, Tuple
 
 from data_tools.fileio import write_text_atomic
 from data_tools.filelists import Source, read_filelist_list
+from sd.components import CLIP_MODEL_MAX_LENGTH
 from trainer.loader.sharding import BY_LINE, WorkerLayout, sharding_mode
 
 # Set by paddle.distributed.launch inside a job. The preflight is not a rank: with them, parsing the training
@@ -296,8 +297,9 @@ def node_preflight(launch: LaunchArguments, train_argv: List[str], omp_threads: 
         findings += shard_findings(read_data_layout(data_args.file_list, world, workers))
     except (OSError, ValueError) as e:  # a filelist or part that is missing or malformed: named by the reader
         findings.append(Finding("error", f"data: {e}"))
+    # Unset, the length is the tokenizer's (resolved later, in the ranks): SD's 77 bounds the tiny default's 16.
     needed = shm_bytes_needed(local_procs, workers, args.per_device_train_batch_size, data_args.resolution,
-                              model_args.model_max_length)
+                              model_args.model_max_length or CLIP_MODEL_MAX_LENGTH)
     findings.append(shm_finding(free_shm_bytes(), needed, local_procs, workers))
     findings.append(output_dir_finding(args.output_dir))
     return findings
