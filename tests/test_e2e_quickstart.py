@@ -76,6 +76,7 @@ def test_quickstart_trains_a_model_that_draws_what_its_caption_says(tmp_path):
                             "--output_dir", str(tmp_path / "adherence")])
     acc = {g["guidance"]: g["accuracy"] for g in result["by_guidance"]}
     chance = result["chance"]
-    assert acc[7.5]["color"] >= 0.9 and acc[7.5]["color"] >= acc[1.0]["color"], (acc, chance)
+    # Color is near 1.0 at both scales (README: 0.992 / 0.986 on 360 images), so which is higher is noise here.
+    assert acc[7.5]["color"] >= 0.9 and acc[1.0]["color"] >= 0.9, (acc, chance)
     assert acc[7.5]["position"] >= 4 * chance["position"], (acc, chance)
     assert max(acc[1.0]["shape"], acc[7.5]["shape"]) >= 0.6, (acc, chance)  # chance 0.33
