@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from data_tools.fileio import sha256_file
+from data_tools.fileio import sha256_file, write_json_atomic
 
 PURPOSES = ("train", "eval")
 ROOT = "root"  # the key of the root folder's flag in ROOT_FLAGS and in flag_names
@@ -118,9 +118,20 @@ def tokenizer_max_length(tokenizer_dir: str) -> int:
     """The padding length a tokenizer folder declares (tokenizer_config.json "model_max_length"): SD v1's is 77,
     the tiny default's 16. --model_max_length defaults to it, so the length a model trains with is the one its
     pipeline folder samples with."""
+    return int(_tokenizer_config(tokenizer_dir).get("model_max_length", CLIP_MODEL_MAX_LENGTH))
+
+
+def set_tokenizer_max_length(tokenizer_dir: str, length: int) -> None:
+    """Make `length` the padding length of a tokenizer folder (model_max_length, and max_len, which older readers
+    use), its other settings as they are: build_tiny_init.py's tiny tokenizer, and a run's pipeline folder when it
+    trained with another --model_max_length than its tokenizer's."""
+    write_json_atomic(os.path.join(tokenizer_dir, "tokenizer_config.json"),
+                      {**_tokenizer_config(tokenizer_dir), "max_len": length, "model_max_length": length}, indent=2)
+
+
+def _tokenizer_config(tokenizer_dir: str) -> dict:
     path = os.path.join(tokenizer_dir, "tokenizer_config.json")
-    config = read_config(path) if os.path.isfile(path) else {}
-    return int(config.get("model_max_length", CLIP_MODEL_MAX_LENGTH))
+    return read_config(path) if os.path.isfile(path) else {}
 
 
 def read_config(path: str) -> dict:

@@ -25,7 +25,7 @@ from ppdiffusers.training_utils import freeze_params
 
 from data_tools.fileio import write_json_atomic
 from sd import losses
-from sd.components import MODEL_INDEX, read_config, tokenizer_max_length
+from sd.components import MODEL_INDEX, set_tokenizer_max_length, tokenizer_max_length
 from sd.paths import SCHEDULER_SD_V1
 from trainer import checkpoint as ckpt
 
@@ -323,8 +323,6 @@ def save_pipeline_folder(model: LatentDiffusionModel, components, output_dir: st
         shutil.copytree(source, target)
     length = model.model_args.model_max_length
     if length != tokenizer_max_length(components.tokenizer):  # trained with another length: sample with it too
-        config_path = os.path.join(output_dir, "tokenizer", "tokenizer_config.json")
-        config = read_config(config_path) if os.path.isfile(config_path) else {}
-        write_json_atomic(config_path, {**config, "model_max_length": length, "max_len": length})
+        set_tokenizer_max_length(os.path.join(output_dir, "tokenizer"), length)
     write_json_atomic(os.path.join(output_dir, "model_index.json"), MODEL_INDEX)
     logger.info("pipeline folder: %s (StableDiffusionPipeline.from_pretrained loads it)", output_dir)

@@ -9,9 +9,10 @@ import pytest
 from paddlenlp.transformers import CLIPTokenizer
 from paddlenlp.transformers.clip.tokenizer import bytes_to_unicode as paddlenlp_bytes_to_unicode
 
+from sd.components import set_tokenizer_max_length
 from sd.tiny.build_tiny_init import TinyInitConfig
 from sd.tiny.build_tokenizer import (MODEL_MAX_LENGTH, NUM_MERGES, VOCAB_SIZE, WHEEL_MEMBER, build_tokenizer,
-                                        bytes_to_unicode, read_bpe_text, set_model_max_length)
+                                        bytes_to_unicode, read_bpe_text)
 from sd.tiny.make_demo_data import COLORS, POSITIONS, SHAPES, caption_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,7 +115,7 @@ def test_rebuild_is_byte_identical(tmp_path):
             gz.write_bytes(zf.read(WHEEL_MEMBER))
         source = str(gz)
     out = build_tokenizer(source, str(tmp_path / "tokenizer"))
-    set_model_max_length(out, TinyInitConfig().model_max_length)  # what build_tiny_init does to it
+    set_tokenizer_max_length(out, TinyInitConfig().model_max_length)  # what build_tiny_init does to it
     for name in FILES:
         with open(os.path.join(out, name), "rb") as a, open(os.path.join(TOKENIZER_DIR, name), "rb") as b:
             assert a.read() == b.read(), name

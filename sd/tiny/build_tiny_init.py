@@ -24,7 +24,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from sd.components import MODEL_INDEX
+from sd.components import MODEL_INDEX, set_tokenizer_max_length
 from sd.paths import SCHEDULER_SD_V1, TINY_INIT_DIR, UNET_TINY_CONFIG, VAE_TINY_CONFIG
 
 
@@ -156,7 +156,7 @@ def _build_vae(vae_config_path: str, seed: int, out_dir: str) -> Dict[str, Any]:
 
 def build_tiny_init(cfg: TinyInitConfig) -> str:
     """Write the init folder at cfg.output_dir (replacing it); return its path."""
-    from sd.tiny.build_tokenizer import build_tokenizer, set_model_max_length
+    from sd.tiny.build_tokenizer import build_tokenizer
 
     out = os.path.abspath(cfg.output_dir)
     existing_vae = os.path.join(out, "vae")
@@ -177,7 +177,7 @@ def build_tiny_init(cfg: TinyInitConfig) -> str:
         build_tokenizer(cfg.bpe_file, os.path.join(stage, "tokenizer"))
     else:
         shutil.copytree(tokenizer_src, os.path.join(stage, "tokenizer"))
-    set_model_max_length(os.path.join(stage, "tokenizer"), cfg.model_max_length)
+    set_tokenizer_max_length(os.path.join(stage, "tokenizer"), cfg.model_max_length)
     _build_text_encoder(cfg.text_encoder, cfg.seed, os.path.join(stage, "text_encoder"))
     if cfg.vae_dir is not None:
         vae_cfg = _copy_vae(cfg.vae_dir, os.path.join(stage, "vae"))

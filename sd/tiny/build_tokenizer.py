@@ -129,15 +129,6 @@ def build_tokenizer(bpe_file: str, output_dir: str) -> str:
     return output_dir
 
 
-def set_model_max_length(tokenizer_dir: str, length: int) -> None:
-    """Make `length` the tokenizer's padding length (model_max_length, and max_len, which older readers use): what
-    training, precompute and the pipeline default to. The other settings stay as they are."""
-    path = os.path.join(tokenizer_dir, "tokenizer_config.json")
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
-    _write_json(path, {**config, "max_len": length, "model_max_length": length})
-
-
 @dataclass
 class TokenizerArguments:
     bpe_file: str = field(metadata={"help": "bpe_simple_vocab_16e6.txt.gz, or the open-clip-torch wheel that "
